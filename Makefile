@@ -1,0 +1,36 @@
+# Two commands set up everything: `make run` and `make test`.
+# Each creates .venv on first use from the pinned requirements files.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_FAKE_PORT ?= 8123
+
+.PHONY: run demo test bench docker-check clean
+
+run: $(VENV)/.runtime
+	$(BIN)/python sambaproxy.py
+
+demo: $(VENV)/.runtime
+	@bash tests/demo.sh "$(BIN)/python" "$(DEMO_FAKE_PORT)"
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.dev
+	$(BIN)/python tests/bench.py
+
+docker-check:
+	../shared/tools/docker/check.sh .
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@ $(VENV)/.runtime
+
+clean:
+	rm -rf $(VENV)
