@@ -1,0 +1,252 @@
+"""Settings: the process environment, then a `.env` file, then command-line flags.
+
+Every setting of SPEC.md is declared once in SETTINGS; parsing, `--help`, the
+`.env` example and validation all read that one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Callable
+
+
+class ConfigError(Exception):
+    """A setting is malformed; the message names it and never echoes a secret."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be zero or a positive number of seconds")
+    return value
+
+
+def _url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text) < 10:
+        raise ValueError("must be an http:// or https:// URL")
+    return text.rstrip("/")
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 0 or 1")
+
+
+def _log_level(text: str) -> str:
+    lowered = text.strip().lower()
+    if lowered not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be one of debug, info, warning, error")
+    return lowered
+
+
+def _key_list(text: str) -> tuple[str, ...]:
+    return tuple(key.strip() for key in text.split(",") if key.strip())
+
+
+def _optional(text: str) -> str | None:
+    return text or None
+
+
+def _cache_path(text: str) -> str | None:
+    return os.path.expanduser(text) if text.strip() else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: its environment name, default text, parser and help line."""
+
+    name: str
+    default: str
+    parse: Callable[[str], object]
+    help: str
+    secret: bool = False
+
+    @property
+    def field(self) -> str:
+        return self.name.lower()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.lower().replace("_", "-")
+
+
+SETTINGS = (
+    Setting("SAMBA_EMAIL", "", _optional, "account email for the automatic login"),
+    Setting("SAMBA_PASSWORD", "", _optional, "account password (environment or .env only)", True),
+    Setting("SAMBA_ACCESS_TOKEN", "", _optional, "a ready access_token cookie value (environment or .env only)", True),
+    Setting("SAMBANOVA_API_KEY", "", _optional, "official SambaNova API key (environment or .env only)", True),
+    Setting("SAMBANOVA_API_URL", "https://api.sambanova.ai/v1", _url, "base of the official OpenAI-compatible API"),
+    Setting("LOCAL_API_KEY", "", _key_list, "comma-separated client key(s); empty: no client auth (environment or .env only)", True),
+    Setting("TOKEN_CACHE_TIME", "604800", _positive_float, "seconds a fresh token is trusted"),
+    Setting("TOKEN_REFRESH_MARGIN", "3600", _non_negative_float, "refresh this many seconds before expiry"),
+    Setting("TOKEN_CACHE_FILE", "~/.cache/sambaproxy/token.json", _cache_path, "token cache file; empty disables"),
+    Setting("FINGERPRINT_PREFIX", "anon_", str, "prefix of the per-request fingerprint"),
+    Setting("SAMBA_COMPLETION_URL", "https://cloud.sambanova.ai/api/completion", _url, "upstream completion endpoint"),
+    Setting("SAMBA_MODELS_URL", "https://api.sambanova.ai/v1/models", _url, "upstream model list"),
+    Setting("SAMBA_CONFIG_URL", "https://cloud.sambanova.ai/api/config", _url, "login configuration endpoint"),
+    Setting("HOST", "0.0.0.0", str, "listen address"),
+    Setting("PORT", "6666", _port, "listen port"),
+    Setting("TLS_CERT_FILE", "", _optional, "certificate file: serve HTTPS with h2 and http/1.1 by ALPN"),
+    Setting("TLS_KEY_FILE", "", _optional, "private key file for TLS_CERT_FILE"),
+    Setting("UPSTREAM_MAX_CONNECTIONS", "50", _positive_int, "outbound connection pool size"),
+    Setting("UPSTREAM_CONNECT_TIMEOUT", "10", _positive_float, "seconds to connect upstream"),
+    Setting("UPSTREAM_READ_TIMEOUT", "600", _positive_float, "longest upstream silence tolerated, seconds"),
+    Setting("SSE_KEEPALIVE", "15", _non_negative_float, "seconds of upstream silence before a keep-alive comment; 0 disables"),
+    Setting("DEFAULT_MODEL", "DeepSeek-R1", str, "model used when a request names none"),
+    Setting("MAX_BODY_BYTES", "33554432", _positive_int, "largest accepted request body"),
+    Setting("DEBUG_ENDPOINTS", "1", _flag, "0 makes /debug/token answer 404"),
+    Setting("LOG_LEVEL", "info", _log_level, "debug, info, warning or error"),
+)
+
+SETTING_NAMES = frozenset(s.name for s in SETTINGS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Parsed settings; secrets are kept out of repr so a logged config leaks nothing."""
+
+    samba_email: str | None = None
+    samba_password: str | None = dataclasses.field(default=None, repr=False)
+    samba_access_token: str | None = dataclasses.field(default=None, repr=False)
+    sambanova_api_key: str | None = dataclasses.field(default=None, repr=False)
+    sambanova_api_url: str = "https://api.sambanova.ai/v1"
+    local_api_key: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    token_cache_time: float = 604800.0
+    token_refresh_margin: float = 3600.0
+    token_cache_file: str | None = None
+    fingerprint_prefix: str = "anon_"
+    samba_completion_url: str = "https://cloud.sambanova.ai/api/completion"
+    samba_models_url: str = "https://api.sambanova.ai/v1/models"
+    samba_config_url: str = "https://cloud.sambanova.ai/api/config"
+    host: str = "0.0.0.0"
+    port: int = 6666
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    upstream_max_connections: int = 50
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 600.0
+    sse_keepalive: float = 15.0
+    default_model: str = "DeepSeek-R1"
+    max_body_bytes: int = 33554432
+    debug_endpoints: bool = True
+    log_level: str = "info"
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.samba_email and self.samba_password)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, str]) -> "Config":
+        """Parse raw setting texts (missing names take their defaults)."""
+        parsed = {}
+        for setting in SETTINGS:
+            raw = values.get(setting.name, setting.default)
+            try:
+                parsed[setting.field] = setting.parse(raw.strip())
+            except ValueError as exc:
+                shown = "(hidden)" if setting.secret else repr(raw)
+                reason = str(exc) if "must" in str(exc) else "is malformed"
+                raise ConfigError(f"invalid {setting.name}={shown}: {reason}") from None
+        config = cls(**parsed)
+        config._check_pairs()
+        return config
+
+    def _check_pairs(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("invalid TLS_CERT_FILE/TLS_KEY_FILE: set both or neither")
+        for name, path in (("TLS_CERT_FILE", self.tls_cert_file), ("TLS_KEY_FILE", self.tls_key_file)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"invalid {name}={path!r}: no such file")
+        if bool(self.samba_email) != bool(self.samba_password):
+            missing = "SAMBA_PASSWORD" if self.samba_email else "SAMBA_EMAIL"
+            raise ConfigError(f"invalid credentials: {missing} is not set (set both or neither)")
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """Read `KEY=VALUE` lines: optional `export`, optional quotes, `#` comments."""
+    values: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return values
+    except OSError as exc:
+        raise ConfigError(f"cannot read env file {path!r}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise ConfigError(f"invalid line {number} in {path!r}: expected KEY=VALUE")
+        values[key] = _unquote(value.strip())
+    return values
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    if " #" in value:
+        value = value.split(" #", 1)[0].rstrip()
+    return value
+
+
+def build_parser(version: str) -> argparse.ArgumentParser:
+    """Flags for every non-secret setting; secrets are listed but read from the environment only."""
+    parser = argparse.ArgumentParser(
+        prog="sambaproxy.py",
+        description="OpenAI-compatible gateway to SambaNova Cloud. Settings come from the "
+        "environment, then the .env file; flags override both.",
+        epilog="Environment/.env only (secrets): "
+        + ", ".join(s.name for s in SETTINGS if s.secret),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"sambaproxy {version}")
+    parser.add_argument("--env-file", default=".env", help="settings file read after the environment (default: .env)")
+    for setting in SETTINGS:
+        default = setting.default or "unset"
+        if setting.secret:
+            continue
+        parser.add_argument(setting.flag, dest=setting.name, default=None, metavar=setting.name,
+                            help=f"{setting.help} (default: {default})")
+    return parser
+
+
+def load_config(argv: list[str] | None, environ: dict[str, str], version: str) -> Config:
+    """Combine flags, environment and `.env` (in that order of precedence) into a Config."""
+    args = build_parser(version).parse_args(argv)
+    values = read_env_file(args.env_file)
+    values.update({k: v for k, v in environ.items() if k in SETTING_NAMES})
+    values.update({s.name: getattr(args, s.name) for s in SETTINGS
+                   if not s.secret and getattr(args, s.name) is not None})
+    return Config.from_mapping(values)

@@ -1,0 +1,300 @@
+"""The upstream side: the routes to SambaNova, retries before the first byte, the model list.
+
+A route turns an OpenAI request into one upstream HTTP request: the account
+route posts to the playground's completion endpoint with the `access_token`
+cookie, the key route to the official API with `Authorization: Bearer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+
+import httpx
+
+from auth import TokenManager, TokenUnavailable
+from sse import api_payload, new_fingerprint, samba_payload
+
+log = logging.getLogger("sambaproxy.upstream")
+
+BROWSER_HEADERS = {
+    "accept": "text/event-stream",
+    "content-type": "application/json",
+    "origin": "https://cloud.sambanova.ai",
+    "referer": "https://cloud.sambanova.ai/",
+    "user-agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Chrome/131.0 Safari/537.36",
+}
+RETRYABLE_STATUSES = frozenset((429, 502, 503, 504))
+ERROR_BODY_LIMIT = 65536
+KNOWN_MODELS = (
+    "DeepSeek-R1",
+    "DeepSeek-V3-0324",
+    "Meta-Llama-3.3-70B-Instruct",
+    "Meta-Llama-3.1-8B-Instruct",
+    "Llama-4-Maverick-17B-128E-Instruct",
+)
+
+
+class ProxyError(Exception):
+    """A failure with its client-facing status; the message is safe to show."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None,
+                 *, param: str | None = None, retry_after: str | None = None,
+                 retryable: bool = False, fallback: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+        self.retryable = retryable
+        self.fallback = fallback
+
+
+class AccountRoute:
+    """The playground endpoint, authenticated by the account's access_token cookie."""
+
+    name = "account"
+
+    def __init__(self, url: str, tokens: TokenManager, default_model: str, prefix: str) -> None:
+        self.url = url
+        self.tokens = tokens
+        self.default_model = default_model
+        self.prefix = prefix
+        self.healthy = True
+
+    async def credential(self) -> str:
+        try:
+            return await self.tokens.get_token()
+        except TokenUnavailable as exc:
+            raise ProxyError(503, f"no SambaNova token available: {exc}", "service_unavailable",
+                             "token_unavailable", fallback=True) from None
+
+    def request_parts(self, body: dict, token: str) -> tuple[dict, bytes]:
+        headers = dict(BROWSER_HEADERS, cookie=f"access_token={token}")
+        payload = samba_payload(body, default_model=self.default_model,
+                                fingerprint=new_fingerprint(self.prefix))
+        return headers, _dumps(payload)
+
+    async def rejected(self, token: str) -> None:
+        try:
+            await self.tokens.token_rejected(token)
+        except TokenUnavailable as exc:
+            raise ProxyError(503, f"SambaNova rejected the token and no new one could be had: {exc}",
+                             "service_unavailable", "token_unavailable", fallback=True) from None
+
+
+class ApiKeyRoute:
+    """The official OpenAI-compatible API, authenticated by SAMBANOVA_API_KEY."""
+
+    name = "api_key"
+
+    def __init__(self, base_url: str, api_key: str, default_model: str) -> None:
+        self.url = base_url + "/chat/completions"
+        self.authorization = f"Bearer {api_key}"
+        self.default_model = default_model
+        self.healthy = True
+
+    async def credential(self) -> str:
+        return self.authorization
+
+    def request_parts(self, body: dict, token: str) -> tuple[dict, bytes]:
+        headers = {"accept": "text/event-stream", "content-type": "application/json",
+                   "authorization": token}
+        return headers, _dumps(api_payload(body, default_model=self.default_model))
+
+    async def rejected(self, token: str) -> None:
+        raise ProxyError(502, "SambaNova rejected SAMBANOVA_API_KEY", "upstream_error",
+                         "upstream_auth_failed")
+
+
+def _dumps(payload: dict) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Upstream:
+    """Opens upstream answers: route choice, one re-login on 401/403, retries before the first byte."""
+
+    def __init__(self, client: httpx.AsyncClient, routes: list, *,
+                 retry_delays: tuple[float, ...] = (0.5, 2.0), retry_after_cap: float = 10.0) -> None:
+        self.client = client
+        self.routes = routes
+        self.retry_delays = retry_delays
+        self.retry_after_cap = retry_after_cap
+        self.retries = 0
+
+    async def open(self, body: dict, is_gone) -> httpx.Response:
+        """Return a 200 streaming response, or raise the ProxyError the client should see."""
+        if not self.routes:
+            raise ProxyError(503, "no SambaNova credentials configured: set SAMBA_EMAIL and "
+                             "SAMBA_PASSWORD, SAMBA_ACCESS_TOKEN or SAMBANOVA_API_KEY",
+                             "service_unavailable", "no_credentials")
+        for route in self.routes:
+            try:
+                response = await self._open_route(route, body, is_gone)
+            except ProxyError as exc:
+                route.healthy = exc.status not in (502, 503, 504, 429)
+                if not exc.fallback or route is self.routes[-1]:
+                    raise
+                log.info("route %s unavailable (%s); trying the next route", route.name, exc.message)
+                continue
+            route.healthy = True
+            return response
+        raise AssertionError("unreachable")
+
+    async def _open_route(self, route, body: dict, is_gone) -> httpx.Response:
+        attempt = 0
+        auth_retried = False
+        while True:
+            token = await route.credential()
+            try:
+                return await self._send_once(route, body, token)
+            except _Rejected:
+                if auth_retried:
+                    raise ProxyError(502, "SambaNova rejected the credentials again after a "
+                                     "fresh login", "upstream_error", "upstream_auth_failed") from None
+                auth_retried = True
+                await route.rejected(token)
+                continue
+            except ProxyError as error:
+                if not error.retryable or attempt >= len(self.retry_delays) or is_gone():
+                    raise
+                delay = self._retry_delay(attempt, error.retry_after)
+                log.info("upstream failed (%s); retry %d in %.1fs", error.code, attempt + 1, delay)
+            attempt += 1
+            self.retries += 1
+            await asyncio.sleep(delay)
+
+    async def _send_once(self, route, body: dict, token: str) -> httpx.Response:
+        headers, content = route.request_parts(body, token)
+        request = self.client.build_request("POST", route.url, headers=headers, content=content)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.ConnectTimeout:
+            raise ProxyError(502, "SambaNova could not be reached (connect timeout)",
+                             "upstream_error", "upstream_unreachable", retryable=True) from None
+        except httpx.TimeoutException:
+            raise ProxyError(504, "SambaNova did not answer within UPSTREAM_READ_TIMEOUT",
+                             "timeout", "upstream_timeout", retryable=True) from None
+        except httpx.HTTPError as exc:
+            raise ProxyError(502, f"SambaNova could not be reached ({type(exc).__name__})",
+                             "upstream_error", "upstream_unreachable", retryable=True) from None
+        if response.status_code == 200:
+            return response
+        detail = await _read_error(response)
+        if response.status_code in (401, 403):
+            raise _Rejected()
+        raise _status_error(response.status_code, detail, response.headers.get("retry-after"),
+                            route.name == "account")
+
+    def _retry_delay(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(max(float(retry_after), 0.0), self.retry_after_cap)
+            except ValueError:
+                pass
+        base = self.retry_delays[attempt]
+        return base * (0.5 + random.random())
+
+
+class _Rejected(Exception):
+    """Upstream refused the credential (401/403)."""
+
+
+async def _read_error(response: httpx.Response) -> dict:
+    """Read a bounded error body and pull out message, type and code."""
+    raw = b""
+    try:
+        async for piece in response.aiter_bytes():
+            raw += piece
+            if len(raw) > ERROR_BODY_LIMIT:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        await response.aclose()
+    return _error_fields(raw[:ERROR_BODY_LIMIT])
+
+
+def _error_fields(raw: bytes) -> dict:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        text = raw.decode("utf-8", "replace").strip()
+        return {"message": text[:500] or None}
+    if not isinstance(data, dict):
+        return {"message": str(data)[:500]}
+    error = data.get("error", data)
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("error_description") or error.get("detail")
+        return {"message": message and str(message)[:500], "type": error.get("type"),
+                "code": error.get("code")}
+    return {"message": str(data.get("error_description") or error)[:500], "code": str(error)}
+
+
+def _status_error(status: int, detail: dict, retry_after: str | None, fallback: bool) -> ProxyError:
+    message = detail.get("message") or f"SambaNova answered HTTP {status}"
+    code = detail.get("code")
+    if status == 429:
+        return ProxyError(429, f"SambaNova rate limit: {message}", "rate_limit_error",
+                          code or "rate_limit_exceeded", retry_after=retry_after,
+                          retryable=True, fallback=fallback)
+    if status >= 500:
+        return ProxyError(502, f"SambaNova failed (HTTP {status}): {message}", "upstream_error",
+                          code or "bad_gateway", retryable=status in RETRYABLE_STATUSES,
+                          retry_after=retry_after)
+    return ProxyError(status, message, detail.get("type") or "invalid_request_error", code)
+
+
+class ModelCatalog:
+    """The upstream model list, cached; the last good list (or a built-in one) serves outages."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, headers: dict, *,
+                 ttl: float = 300.0, clock=time.monotonic) -> None:
+        self.client = client
+        self.url = url
+        self.headers = headers
+        self.ttl = ttl
+        self.clock = clock
+        self.created = int(time.time())
+        self._models: list[dict] | None = None
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def models(self) -> list[dict]:
+        if self.clock() - self._fetched_at < self.ttl and self._models is not None:
+            return self._models
+        async with self._lock:
+            if self.clock() - self._fetched_at >= self.ttl or self._models is None:
+                await self._refresh()
+        return self._models if self._models is not None else self._builtin()
+
+    async def _refresh(self) -> None:
+        try:
+            response = await self.client.get(self.url, headers=self.headers)
+            response.raise_for_status()
+            entries = response.json()["data"]
+            self._models = [self._normalise(e) for e in entries if isinstance(e, dict) and e.get("id")]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.warning("model list unavailable (%s); serving the %s list", type(exc).__name__,
+                        "last good" if self._models is not None else "built-in")
+            self._fetched_at = self.clock() - self.ttl + min(self.ttl, 30.0)
+            return
+        self._fetched_at = self.clock()
+
+    def _normalise(self, entry: dict) -> dict:
+        model = dict(entry)
+        model["id"] = str(model["id"])
+        model.setdefault("object", "model")
+        model.setdefault("owned_by", "sambanova")
+        if not isinstance(model.get("created"), int):
+            model["created"] = self.created
+        return model
+
+    def _builtin(self) -> list[dict]:
+        return [self._normalise({"id": model_id}) for model_id in KNOWN_MODELS]
