@@ -1,0 +1,773 @@
+"""A faithful fake of SambaNova Cloud, for the test suite and `make demo`.
+
+It speaks HTTP/1.1 through h11 on 127.0.0.1 and serves what UPSTREAM.md
+describes: the Auth0 login flow, the playground's /api/completion, and the
+official API's /v1/models and /v1/chat/completions.  Tests script answers
+through `FakeSamba.script` and observe it through its counters and `wait_for`.
+
+Standalone: python tests/fake_samba.py --port 8123 --email E --password P
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import collections
+import contextlib
+import http
+import inspect
+import json
+import logging
+import math
+import re
+import secrets
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlencode
+
+import h11
+
+log = logging.getLogger("fake_samba")
+
+REALM = "Username-Password-Authentication"
+GRANT = "http://auth0.com/oauth/grant-type/password-realm"
+DONE = "data: [DONE]\n\n"
+PING = b": ping\n\n"
+ENV_TYPES = ("text", "vision", "audio")
+STREAM_ERROR = {"error": {"message": "Model overloaded: the stream was interrupted",
+                          "type": "server_error", "param": None, "code": "stream_error"}}
+# status -> (message, type, code) of OpenAI-shaped error bodies, as UPSTREAM.md lists them.
+ERRORS = {
+    400: ("Bad request", "invalid_request_error", "bad_request"),
+    401: ("Invalid authentication credentials", "authentication_error", "invalid_authentication"),
+    403: ("Forbidden", "permission_error", "forbidden"),
+    404: ("Not found", "invalid_request_error", "not_found"),
+    408: ("Request timed out", "server_error", "timeout"),
+    410: ("This model has been retired", "invalid_request_error", "model_retired"),
+    429: ("Rate limit exceeded", "rate_limit_error", "rate_limit_exceeded"),
+    500: ("Unknown error when running prediction service", "server_error", "internal_error"),
+    503: ("Service unavailable for maintenance", "server_error", "service_unavailable"),
+    504: ("Queue Full", "server_error", "queue_full"),
+}
+
+
+# The official API's /v1/models entries: note there is no "created", unlike OpenAI's schema.
+MODELS = tuple(
+    {"id": mid, "object": "model", "owned_by": owner, "context_length": ctx,
+     "max_completion_tokens": out, "pricing": {"prompt": prompt, "completion": completion}}
+    for mid, owner, ctx, out, prompt, completion in (
+        ("DeepSeek-R1", "deepseek-ai", 32768, 32768, "0.000005", "0.000007"),
+        ("DeepSeek-V3-0324", "deepseek-ai", 32768, 32768, "0.000003", "0.0000045"),
+        ("Meta-Llama-3.3-70B-Instruct", "meta-llama", 131072, 3072, "0.0000006", "0.0000012"),
+        ("Meta-Llama-3.1-8B-Instruct", "meta-llama", 16384, 4096, "0.0000001", "0.0000002"),
+        ("Llama-4-Maverick-17B-128E-Instruct", "meta-llama", 131072, 4096, "0.00000063",
+         "0.0000018")))
+
+
+@dataclass
+class Reply:
+    """One scripted answer of /api/completion or /v1/chat/completions."""
+    status: int = 200
+    text: str | None = None
+    chunks: list[dict | str] | None = None  # dict -> data: JSON; str -> raw SSE text, sent as is
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    drop_after: int | None = None
+    stall_after: int | None = None
+    error_event_after: int | None = None
+    usage: bool = True
+    tool_calls: list | None = None
+    # Additions to the shared contract:
+    first_delay: float = 0.0   # silence after the 200 headers, before chunk 1 (R1 thinking)
+    hang: bool = False         # accept the request, never answer (until the client leaves)
+    done: bool = True          # end with data: [DONE] (explicit chunks: unless they hold one)
+    body: str | None = None    # raw body of a non-200 answer (e.g. an HTML gateway page)
+
+
+# ---------------------------------------------------------------- answer bodies
+
+def _text_of(content) -> str:
+    """Text of a message content: a string, or the text parts of a list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _echo(messages: list) -> str:
+    """The default answer, so tests can see their prompt went through."""
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    return "Echo: " + (_text_of(users[-1].get("content")) if users else "")
+
+
+def _usage(messages: list, completion_tokens: int) -> dict:
+    """A usage block with the extra keys the real service adds."""
+    prompt = sum(len(_text_of(m.get("content")).split()) + 4
+                 for m in messages if isinstance(m, dict))
+    total = prompt + completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion_tokens,
+            "total_tokens": total, "completion_tokens_details": {"reasoning_tokens": 0},
+            "time_to_first_token": 0.041, "total_latency": 0.2,
+            "total_tokens_per_sec": round(total / 0.2, 2),
+            "completion_tokens_after_first_per_sec": 120.5, "is_last_response": True}
+
+
+def _normalise_calls(calls: list) -> list[dict]:
+    """Accept OpenAI tool calls or {name, arguments} shorthands; arguments become JSON text."""
+    out = []
+    for call in calls:
+        fn = call.get("function", call)
+        args = fn.get("arguments", "")
+        args = args if isinstance(args, str) else json.dumps(args)
+        out.append({"id": call.get("id") or f"call_{secrets.token_hex(12)}", "type": "function",
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _tool_call_deltas(calls: list[dict]) -> list[dict]:
+    """Stream each call as OpenAI does: id and name first, then arguments in pieces."""
+    deltas = []
+    for i, call in enumerate(calls):
+        name, args = call["function"]["name"], call["function"]["arguments"]
+        head = {**call, "index": i, "function": {"name": name, "arguments": ""}}
+        deltas.append({"role": "assistant", "content": None, "tool_calls": [head]})
+        deltas += [{"tool_calls": [{"index": i, "function": {"arguments": args[k:k + 8]}}]}
+                   for k in range(0, len(args), 8)]
+    return deltas + [{}]
+
+
+def stream_events(reply: Reply, model: str, messages: list) -> list[dict | str]:
+    """The events of a streamed answer, [DONE] included, before any drop or stall."""
+    if reply.chunks is not None:
+        events = list(reply.chunks)
+        has_done = any(isinstance(c, str) and "[DONE]" in c for c in events)
+        return events + ([DONE] if reply.done and not has_done else [])
+    base = {"id": str(uuid.uuid4()), "object": "chat.completion.chunk",
+            "created": round(time.time(), 3), "model": model, "system_fingerprint": "fastcoe"}
+    if reply.tool_calls:
+        deltas, finish = _tool_call_deltas(_normalise_calls(reply.tool_calls)), "tool_calls"
+    else:
+        text = reply.text if reply.text is not None else _echo(messages)
+        pieces = re.findall(r"\S+\s*|\s+", text) or [""]
+        deltas, finish = [{"role": "assistant", "content": p} for p in pieces], "stop"
+    events: list[dict | str] = [
+        {**base, "choices": [{"index": 0, "delta": d, "finish_reason": None, "logprobs": None}]}
+        for d in deltas]
+    events[-1]["choices"][0]["finish_reason"] = finish
+    if reply.usage:
+        events.append({**base, "choices": [], "usage": _usage(messages, len(deltas))})
+    return events + ([DONE] if reply.done else [])
+
+
+def completion_object(reply: Reply, model: str, messages: list) -> dict:
+    """A whole chat.completion, for requests that ask for stream: false."""
+    message: dict = {"role": "assistant"}
+    if reply.tool_calls:
+        message.update(content=None, tool_calls=_normalise_calls(reply.tool_calls))
+    else:
+        message["content"] = reply.text if reply.text is not None else _echo(messages)
+    tokens = len((message.get("content") or "x").split())
+    return {"id": str(uuid.uuid4()), "object": "chat.completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": "fastcoe",
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": "tool_calls" if reply.tool_calls else "stop"}],
+            "usage": _usage(messages, tokens)}
+
+
+def sse_frame(event: dict | str) -> bytes:
+    """dict -> one data: event; str -> raw SSE text as the script wrote it."""
+    if isinstance(event, str):
+        return event.encode()
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+
+
+def error_body(status: int, message: str | None = None) -> dict:
+    """OpenAI-shaped error object for `status`."""
+    default, etype, code = ERRORS.get(status, (http.HTTPStatus(status).phrase,
+                                               "server_error" if status >= 500
+                                               else "invalid_request_error", None))
+    return {"error": {"message": message or default, "type": etype, "param": None, "code": code}}
+
+
+def _check_chat_body(body, *, need_stream: bool) -> str | None:
+    """Why a chat body is unacceptable, or None."""
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    if not isinstance(body.get("model"), str):
+        return "'model' must be a string"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        return "each message needs a string 'role'"
+    if (need_stream or "stream" in body) and not isinstance(body.get("stream"), bool):
+        return "'stream' must be a boolean"
+    return None
+
+
+def _check_samba_payload(payload) -> str | None:
+    """Why a playground payload is unacceptable, or None."""
+    if not isinstance(payload, dict):
+        return "payload must be a JSON object"
+    for key, kind in (("body", dict), ("env_type", str), ("fingerprint", str)):
+        if not isinstance(payload.get(key), kind) or not payload[key]:
+            return f"'{key}' is missing or not a {kind.__name__}"
+    if payload["env_type"] not in ENV_TYPES:
+        return f"unknown env_type {payload['env_type']!r}"
+    return _check_chat_body(payload["body"], need_stream=True)
+
+
+def auth0_error(error: str, description: str) -> dict:
+    return {"error": error, "error_description": description}
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_jwt(claims: dict) -> str:
+    """An unsigned-in-spirit JWT: proxies only read `exp` from its payload."""
+    header = _b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode())
+    return f"{header}.{_b64url(json.dumps(claims).encode())}.{_b64url(secrets.token_bytes(32))}"
+
+
+# ---------------------------------------------------------------- connection
+
+class _Gone(Exception):
+    """The client left (EOF or a failed write)."""
+
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+    def cookies(self) -> dict[str, str]:
+        pairs = (c.strip().partition("=") for c in self.headers.get("cookie", "").split(";"))
+        return {name: value for name, _, value in pairs if name}
+
+    def json(self):
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+class _Conn:
+    """One client connection: h11 state plus a reader task that notices EOF at any time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.h11 = h11.Connection(h11.SERVER)
+        self.reader, self.writer = reader, writer
+        self.gone = asyncio.Event()
+        self.status: int | None = None
+        self._data = asyncio.Event()
+        self._reader_task = asyncio.create_task(self._read_loop())
+
+    async def _read_loop(self) -> None:
+        """Feed h11 while the handler runs, so a client leaving mid-stream is seen at once."""
+        try:
+            while data := await self.reader.read(65536):
+                self.h11.receive_data(data)
+                self._data.set()
+        except OSError:
+            pass
+        finally:
+            self.gone.set()
+            self._data.set()
+
+    async def _next_event(self):
+        while (event := self.h11.next_event()) is h11.NEED_DATA:
+            if self.gone.is_set():
+                return None
+            self._data.clear()
+            await self._data.wait()
+        return event
+
+    async def read_request(self) -> _Request | None:
+        """The next whole request, or None when the client has closed."""
+        start = await self._next_event()
+        if not isinstance(start, h11.Request):
+            return None
+        body = bytearray()
+        while not isinstance(event := await self._next_event(), h11.EndOfMessage):
+            if not isinstance(event, h11.Data):
+                return None
+            body += event.data
+        headers: dict[str, str] = {}
+        for name, value in start.headers:
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        path, _, query = start.target.decode("latin-1").partition("?")
+        params = {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
+        return _Request(start.method.decode(), path, params, headers, bytes(body))
+
+    async def _send(self, *events) -> None:
+        if self.gone.is_set():
+            raise _Gone
+        try:
+            for event in events:
+                self.writer.write(self.h11.send(event))
+            await self.writer.drain()
+        except OSError as exc:
+            self.gone.set()
+            raise _Gone from exc
+
+    async def respond(self, status: int, headers: list, body: bytes = b"") -> None:
+        """A whole response with content-length."""
+        await self.start(status, [*headers, ("content-length", str(len(body)))])
+        await self._send(*([h11.Data(data=body)] if body else []), h11.EndOfMessage())
+
+    async def start(self, status: int, headers: list) -> None:
+        """Headers of a streamed response; h11 picks chunked framing for HTTP/1.1."""
+        self.status = status
+        await self._send(h11.Response(status_code=status, headers=headers,
+                                      reason=http.HTTPStatus(status).phrase.encode()))
+
+    async def write(self, data: bytes) -> None:
+        await self._send(h11.Data(data=data))
+
+    async def end(self) -> None:
+        await self._send(h11.EndOfMessage())
+
+    async def pause(self, seconds: float) -> None:
+        """A real delay of the answer that ends early, with _Gone, if the client leaves."""
+        if seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.gone.wait(), seconds)
+        if self.gone.is_set():
+            raise _Gone
+
+    async def until_gone(self) -> None:
+        """Keep the connection open and silent until the client closes it."""
+        await self.gone.wait()
+        raise _Gone
+
+    def drop(self) -> None:
+        """Close the socket mid-response: no terminal chunk, so the body is incomplete."""
+        self.writer.close()
+
+    def next_cycle(self) -> bool:
+        """Keep the connection alive if h11 says both sides finished cleanly (RFC 9112 §9.3)."""
+        if self.gone.is_set() or self.writer.is_closing():
+            return False
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+            return True
+        return False
+
+    def abort(self) -> None:
+        self.gone.set()
+        self.writer.transport.abort()
+
+    async def close(self) -> None:
+        self._reader_task.cancel()
+        self.writer.close()
+        with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
+        await asyncio.gather(self._reader_task, return_exceptions=True)
+
+
+# ---------------------------------------------------------------- the fake
+
+class FakeSamba:
+    """SambaNova Cloud on 127.0.0.1, scriptable and observable by tests."""
+
+    def __init__(self, *, email="demo@example.com", password="demo-password",
+                 client_id="fake-client-id", api_key="fake-api-key",
+                 token_ttl: float | None = None):
+        self.email, self.password, self.client_id = email, password, client_id
+        self.api_key, self.token_ttl = api_key, token_ttl
+        self.url = ""
+        self.script: collections.deque[Reply] = collections.deque()
+        self.default_reply = Reply()          # answer when the script is empty
+        self.login_status: int | None = None
+        self.login_retry_after: str | None = None  # Retry-After of a forced login error
+        self.login_attempts = 0
+        self.logins = 0
+        self.tokens: set[str] = set()
+        self.completions: list[dict] = []
+        self.open_streams = 0
+        self.disconnects = 0
+        self.chunks_sent = 0                  # SSE events written, over all streams
+        self.models_requests = 0
+        self.models_status: int | None = None
+        self._expiry: dict[str, float] = {}
+        self._tickets: set[str] = set()
+        self._codes: dict[str, tuple[str, str]] = {}
+        self._changed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._conns: set[_Conn] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
+        self._routes = {
+            "/": ("GET", self._home),
+            "/api/config": ("GET", self._config),
+            "/auth/co/authenticate": ("POST", self._authenticate),
+            "/auth/authorize": ("GET", self._authorize),
+            "/api/auth/callback": ("GET", self._callback),
+            "/api/completion": ("POST", self._completion),
+            "/v1/models": ("GET", self._models),
+            "/v1/chat/completions": ("POST", self._official),
+        }
+
+    @property
+    def redirect_url(self) -> str:
+        return f"{self.url}/api/auth/callback"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._stopping = False
+        self._server = await asyncio.start_server(self._on_connect, host, port)
+        bound = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://{host}:{bound}"
+
+    async def stop(self) -> None:
+        """Close the listener and every open connection, stalled streams included."""
+        self._stopping = True
+        if self._server is None:
+            return
+        self._server.close()
+        for conn in list(self._conns):
+            conn.abort()
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=2.0)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        self._server = None
+
+    def _notify(self) -> None:
+        """Wake every wait_for: each waiter holds the old event, the next waits on a new one."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def snapshot(self) -> dict:
+        """The counters, for failure messages and the standalone log."""
+        counters = ("login_attempts", "logins", "open_streams", "disconnects", "chunks_sent",
+                    "models_requests")
+        return {k: getattr(self, k) for k in counters} | {
+            "completions": len(self.completions), "script_left": len(self.script),
+            "valid_tokens": len(self.tokens)}
+
+    async def wait_for(self, predicate, timeout: float = 5.0) -> None:
+        """Resolve when predicate(self) holds; re-checked on every state change, never polled."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self):
+                    await self._changed.wait()
+        except TimeoutError:
+            try:
+                what = inspect.getsource(predicate).strip()
+            except (OSError, TypeError):
+                what = repr(predicate)
+            raise AssertionError(f"FakeSamba.wait_for timed out after {timeout}s "
+                                 f"waiting for {what}; state: {self.snapshot()}") from None
+
+    def issue_token(self) -> str:
+        """A valid token made without a login (for SAMBA_ACCESS_TOKEN tests)."""
+        if self.token_ttl is None:
+            token = secrets.token_urlsafe(40)
+        else:
+            now = time.time()
+            exp = math.ceil(now + self.token_ttl)
+            token = make_jwt({"sub": "auth0|fake", "iat": int(now), "exp": exp})
+            self._expiry[token] = exp
+        self.tokens.add(token)
+        self._notify()
+        return token
+
+    def revoke_tokens(self) -> None:
+        self.tokens.clear()
+        self._notify()
+
+    def _token_valid(self, token: str | None) -> bool:
+        if token not in self.tokens:
+            return False
+        if time.time() >= self._expiry.get(token, math.inf):
+            self.tokens.discard(token)
+            self._notify()
+            return False
+        return True
+
+    # ------------------------------------------------------------ HTTP plumbing
+
+    async def _on_connect(self, reader, writer) -> None:
+        conn, task = _Conn(reader, writer), asyncio.current_task()
+        self._conns.add(conn)
+        self._tasks.add(task)
+        try:
+            await self._serve(conn)
+        except Exception:  # a bug in the fake: log it, close this connection only
+            log.exception("fake_samba: connection failed")
+        finally:
+            self._conns.discard(conn)
+            self._tasks.discard(task)
+            await conn.close()
+
+    async def _serve(self, conn: _Conn) -> None:
+        """Requests one after another on a keep-alive connection."""
+        while True:
+            try:
+                req = await conn.read_request()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint
+                with contextlib.suppress(_Gone, h11.LocalProtocolError):
+                    await self._json(conn, status, error_body(status))
+                return
+            if req is None:
+                return
+            try:
+                await self._dispatch(conn, req)
+            except _Gone:
+                return
+            log.debug("%s %s -> %s", req.method, req.path, conn.status)
+            if not conn.next_cycle():
+                return
+
+    async def _dispatch(self, conn: _Conn, req: _Request) -> None:
+        route = self._routes.get(req.path)
+        if route is None:
+            return await self._json(conn, 404, error_body(404, f"no route {req.path}"))
+        if route[0] != req.method:
+            return await self._json(conn, 405, error_body(405), [("allow", route[0])])
+        await route[1](conn, req)
+
+    async def _json(self, conn: _Conn, status: int, obj, headers=()) -> None:
+        await conn.respond(status, [("content-type", "application/json"), *headers],
+                           json.dumps(obj).encode())
+
+    async def _redirect(self, conn: _Conn, location: str, headers=()) -> None:
+        await conn.respond(302, [("location", location), *headers])
+
+    async def _plain(self, conn: _Conn, status: int, text: str) -> None:
+        await conn.respond(status, [("content-type", "text/plain")], text.encode())
+
+    # ------------------------------------------------------------ login flow
+
+    async def _home(self, conn: _Conn, req: _Request) -> None:
+        page = b"<!doctype html><title>SambaNova Cloud (fake)</title><p>Signed in.</p>"
+        await conn.respond(200, [("content-type", "text/html; charset=utf-8")], page)
+
+    async def _config(self, conn: _Conn, req: _Request) -> None:
+        await self._json(conn, 200, {"clientId": self.client_id, "redirectURL": self.redirect_url,
+                                     "issuerBaseUrl": f"{self.url}/auth", "baseURL": self.url})
+
+    async def _authenticate(self, conn: _Conn, req: _Request) -> None:
+        """Auth0 cross-origin authentication: credentials in, login ticket out."""
+        self.login_attempts += 1
+        self._notify()
+        if self.login_status is not None:
+            return await self._forced_login_error(conn, self.login_status)
+        body = req.json()
+        problem = self._check_authenticate(body)
+        if problem:
+            return await self._json(conn, 400, auth0_error("invalid_request", problem))
+        if (body["username"].lower() != self.email.lower()
+                or body["password"] != self.password):
+            return await self._json(conn, 403, auth0_error(
+                "access_denied", "Wrong email or password."))
+        ticket = secrets.token_urlsafe(24)
+        self._tickets.add(ticket)
+        await self._json(conn, 200, {"login_ticket": ticket, "co_id": secrets.token_urlsafe(9),
+                                     "co_verifier": secrets.token_urlsafe(32)})
+
+    def _check_authenticate(self, body) -> str | None:
+        if not isinstance(body, dict):
+            return "body must be a JSON object"
+        wanted = {"client_id": self.client_id, "realm": REALM, "credential_type": GRANT}
+        wrong = [key for key, value in wanted.items() if body.get(key) != value]
+        if wrong:
+            return f"wrong or missing {', '.join(wrong)}"
+        if not isinstance(body.get("username"), str) or not isinstance(body.get("password"), str):
+            return "username and password are required"
+        return None
+
+    async def _forced_login_error(self, conn: _Conn, status: int) -> None:
+        error = {429: "too_many_attempts", 401: "access_denied", 403: "access_denied"}
+        body = auth0_error(error.get(status, "server_error"), http.HTTPStatus(status).phrase)
+        headers = [("retry-after", self.login_retry_after)] if self.login_retry_after else []
+        await self._json(conn, status, body, headers)
+
+    async def _authorize(self, conn: _Conn, req: _Request) -> None:
+        """Trade a login ticket for an authorization code, by redirect (RFC 6749 §4.1.2)."""
+        q = req.query
+        if q.get("client_id") != self.client_id or q.get("redirect_uri") != self.redirect_url:
+            # RFC 6749 §4.1.2.1: never redirect to an unverified redirect_uri.
+            return await self._plain(conn, 400, "invalid client_id or redirect_uri")
+        problem = self._check_authorize(q)
+        if problem:
+            error = {**auth0_error(*problem), "state": q.get("state", "")}
+            return await self._redirect(conn, f"{self.redirect_url}?{urlencode(error)}")
+        self._tickets.discard(q["login_ticket"])
+        code = secrets.token_urlsafe(24)
+        self._codes[code] = (q["nonce"], q["state"])
+        query = urlencode({"code": code, "state": q["state"]})
+        await self._redirect(conn, f"{self.redirect_url}?{query}")
+
+    def _check_authorize(self, q: dict) -> tuple[str, str] | None:
+        if q.get("response_type") != "code":
+            return "unsupported_response_type", "response_type must be code"
+        if "openid" not in q.get("scope", "").split():
+            return "invalid_scope", "scope must include openid"
+        missing = [k for k in ("nonce", "state", "auth0Client") if not q.get(k)]
+        if missing:
+            return "invalid_request", f"missing {', '.join(missing)}"
+        if q.get("realm") != REALM:
+            return "invalid_request", "unknown realm"
+        if q.get("login_ticket") not in self._tickets:
+            return "access_denied", "invalid or used login_ticket"
+        return None
+
+    async def _callback(self, conn: _Conn, req: _Request) -> None:
+        """Check code, state and the nonce cookie, then set access_token and go home."""
+        nonce, state = self._codes.pop(req.query.get("code", ""), (None, None))
+        if nonce is None:
+            return await self._plain(conn, 400, "invalid or used code")
+        if req.cookies().get("nonce") != nonce or req.query.get("state") != state:
+            return await self._plain(conn, 400, "nonce or state mismatch")
+        token = self.issue_token()
+        self.logins += 1
+        self._notify()
+        # No Domain attribute: a fake on an IP address cannot set one (RFC 6265 §5.3 step 6).
+        await self._redirect(conn, f"{self.url}/", [
+            ("set-cookie", "nonce=; Path=/; Max-Age=0"),
+            ("set-cookie", f"access_token={token}; Path=/; HttpOnly")])
+
+    # ------------------------------------------------------------ models and completions
+
+    async def _models(self, conn: _Conn, req: _Request) -> None:
+        self.models_requests += 1
+        self._notify()
+        if self.models_status is not None:
+            return await self._json(conn, self.models_status, error_body(self.models_status))
+        await self._json(conn, 200, {"object": "list", "data": list(MODELS)})
+
+    def _record(self, req: _Request, payload) -> None:
+        self.completions.append({"path": req.path, "headers": req.headers, "json": payload})
+        self._notify()
+
+    async def _completion(self, conn: _Conn, req: _Request) -> None:
+        """The playground endpoint: cookie auth, SambaNova payload, SSE answer."""
+        payload = req.json()
+        self._record(req, payload)
+        if not self._token_valid(req.cookies().get("access_token")):
+            return await self._json(conn, 401, error_body(401, "Invalid or expired access token"))
+        problem = _check_samba_payload(payload)
+        if not req.headers.get("content-type", "").startswith("application/json"):
+            problem = "content-type must be application/json"
+        if problem:
+            return await self._json(conn, 400, error_body(400, problem))
+        body = payload["body"]
+        await self._answer(conn, body["model"], body["messages"], body["stream"])
+
+    async def _official(self, conn: _Conn, req: _Request) -> None:
+        """The official OpenAI-compatible API: Bearer key, OpenAI body."""
+        body = req.json()
+        self._record(req, body)
+        if req.headers.get("authorization") != f"Bearer {self.api_key}":
+            return await self._json(conn, 401, error_body(401, "Invalid API key"))
+        problem = _check_chat_body(body, need_stream=False)
+        if problem:
+            return await self._json(conn, 400, error_body(400, problem))
+        await self._answer(conn, body["model"], body["messages"], body.get("stream", False))
+
+    async def _answer(self, conn: _Conn, model: str, messages: list, stream: bool) -> None:
+        """Play the next scripted Reply, counting it open and noticing if its client leaves."""
+        reply = self.script.popleft() if self.script else self.default_reply
+        self.open_streams += 1
+        self._notify()
+        try:
+            await self._play(conn, reply, model, messages, stream)
+        except _Gone:
+            if not self._stopping:
+                self.disconnects += 1
+        finally:
+            self.open_streams -= 1
+            self._notify()
+
+    async def _play(self, conn: _Conn, reply: Reply, model: str, messages: list, stream: bool):
+        if reply.hang:
+            await conn.until_gone()
+        if reply.status != 200:
+            await conn.pause(reply.delay)
+            body = reply.body.encode() if reply.body is not None else json.dumps(
+                error_body(reply.status)).encode()
+            kind = "text/html" if reply.body is not None else "application/json"
+            return await conn.respond(reply.status, [("content-type", kind),
+                                                     *reply.headers.items()], body)
+        if stream:
+            return await self._stream(conn, reply, stream_events(reply, model, messages))
+        await conn.pause(reply.first_delay)
+        if reply.drop_after is not None:
+            return conn.drop()
+        if reply.stall_after is not None:
+            await conn.until_gone()
+        await self._json(conn, 200, completion_object(reply, model, messages),
+                         list(reply.headers.items()))
+
+    async def _stream(self, conn: _Conn, reply: Reply, events: list) -> None:
+        """Send events one chunk each, with delays, drops, stalls and error events as scripted."""
+        await conn.start(200, [("content-type", "text/event-stream; charset=utf-8"),
+                               ("cache-control", "no-cache"), *reply.headers.items()])
+        for i in range(len(events) + 1):
+            if i == reply.drop_after:
+                return conn.drop()
+            if i == reply.stall_after:
+                await conn.until_gone()
+            if i == reply.error_event_after:
+                await conn.write(sse_frame(STREAM_ERROR))
+                break
+            if i == len(events):
+                break
+            await conn.pause(reply.first_delay if i == 0 else reply.delay)
+            await conn.write(sse_frame(events[i]))
+            self.chunks_sent += 1
+            self._notify()
+            if i == 0:
+                await conn.write(PING)  # an SSE comment mid-stream, as real servers send
+        await conn.end()
+
+
+# ---------------------------------------------------------------- standalone
+
+async def _run(args: argparse.Namespace) -> None:
+    fake = FakeSamba(email=args.email, password=args.password, api_key=args.api_key,
+                     token_ttl=args.token_ttl)
+    fake.default_reply = Reply(delay=args.delay)
+    await fake.start(args.host, args.port)
+    log.info("fake SambaNova on %s (login email %s; password and API key not shown)",
+             fake.url, args.email)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await fake.stop()
+    log.info("fake SambaNova stopped: %s", fake.snapshot())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A fake SambaNova Cloud for tests and demos.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--email", default="demo@example.com")
+    parser.add_argument("--password", default="demo-password")
+    parser.add_argument("--api-key", default="fake-api-key")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds between chunks")
+    parser.add_argument("--token-ttl", type=float, default=None, help="issue JWTs with this life")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="fake-samba: %(message)s")
+    log.setLevel(logging.DEBUG)  # one line per request: the demo's user sees the login flow
+    asyncio.run(_run(args))
+
+
+if __name__ == "__main__":
+    main()
