@@ -392,6 +392,7 @@ class FakeSamba:
         self.login_attempts = 0
         self.logins = 0
         self.tokens: set[str] = set()
+        self.issued: list[str] = []           # every token ever handed out, revoked ones too
         self.completions: list[dict] = []
         self.open_streams = 0
         self.disconnects = 0
@@ -481,6 +482,7 @@ class FakeSamba:
             token = make_jwt({"sub": "auth0|fake", "iat": int(now), "exp": exp})
             self._expiry[token] = exp
         self.tokens.add(token)
+        self.issued.append(token)
         self._notify()
         return token
 
