@@ -14,10 +14,12 @@ from collections import deque
 import httpx
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                os.path.dirname(os.path.abspath(__file__))]
 
 import auth  # noqa: E402
 from auth import LoginError, TokenManager, TokenUnavailable, jwt_expiry, login, redact  # noqa: E402
+from fake_samba import FakeSamba  # noqa: E402
 
 EMAIL = "Tester-4c1d@Example.com"
 PASSWORD = "pw-secret-Q8v2Lm7x"
@@ -755,3 +757,70 @@ async def test_no_secret_reaches_a_log_line_an_error_or_a_status(make, clock, tm
     for text in (*errors, statuses):
         assert not any(secret in text for secret in (*SECRETS, EMAIL))
     assert redact(TOKEN) in statuses
+
+
+# ---------------------------------------------------------------------------
+# Against the fake SambaNova, over a real socket on 127.0.0.1
+
+
+@pytest.fixture
+async def samba():
+    fake = FakeSamba(email=EMAIL, password=PASSWORD, token_ttl=3600)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+@pytest.fixture
+async def client():
+    async with httpx.AsyncClient(timeout=5.0) as shared:
+        yield shared
+
+
+async def test_login_against_the_fake_over_a_socket(samba, client):
+    token = await asyncio.wait_for(login(client, f"{samba.url}/api/config", EMAIL, PASSWORD), 5.0)
+    assert token in samba.tokens and samba.logins == 1 and samba.login_attempts == 1
+    assert 3500 < jwt_expiry(token) - auth.time.time() <= 3601
+    assert not list(client.cookies.jar)
+
+
+@pytest.mark.parametrize("status, retry_after, message, expected_retry", [
+    (None, None, "login refused: Wrong email or password.", None),
+    (429, "7", "login rate limited (too_many_attempts)", 7.0),
+    (500, None, "login endpoint answered 500", None),
+])
+async def test_login_failures_against_the_fake(samba, client, status, retry_after, message, expected_retry):
+    samba.login_status, samba.login_retry_after = status, retry_after
+    password = PASSWORD + "-wrong" if status is None else PASSWORD
+    with pytest.raises(LoginError) as caught:
+        await asyncio.wait_for(login(client, f"{samba.url}/api/config", EMAIL, password), 5.0)
+    assert (str(caught.value), caught.value.retry_after) == (message, expected_retry)
+    assert samba.logins == 0 and samba.login_attempts == 1
+
+
+async def test_unreachable_upstream(client):
+    fake = FakeSamba()
+    await fake.start()
+    url = fake.url
+    await fake.stop()                      # nothing listens on that port any more
+    with pytest.raises(LoginError, match=r"^could not reach http://127\.0\.0\.1:\d+: ConnectError$"):
+        await asyncio.wait_for(login(client, f"{url}/api/config", EMAIL, PASSWORD), 5.0)
+
+
+async def test_token_manager_against_the_fake(samba, client, tmp_path):
+    manager = TokenManager(client, email=EMAIL, password=PASSWORD, env_token=None,
+                           config_url=f"{samba.url}/api/config", cache_time=604800,
+                           refresh_margin=60, cache_file=str(tmp_path / "token.json"))
+    try:
+        await manager.start()
+        token = await asyncio.wait_for(manager.get_token(), 5.0)
+        assert token in samba.tokens and samba.logins == 1
+        assert 3500 < manager.info()["token_expires_in"] <= 3600   # the JWT exp rules, not cache_time
+        samba.revoke_tokens()
+        renewed = await asyncio.wait_for(manager.token_rejected(token), 5.0)
+        assert renewed != token and renewed in samba.tokens and samba.logins == 2
+        assert json.loads((tmp_path / "token.json").read_text())["token"] == renewed
+    finally:
+        await manager.aclose()
