@@ -1,0 +1,480 @@
+"""Sans-IO Server-Sent Events and OpenAI chat-completion transforms for sambaproxy.
+
+No sockets, no event loop: the decoder turns bytes into events, the relay turns events
+into client frames, the aggregator into one completion; the request helpers validate a
+client body and build the upstream payload. Tested with byte strings (tests/test_sse.py).
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"
+
+_BOM = b"\xef\xbb\xbf"
+_DONE_DATA = b"[DONE]"
+_REASONING_KEYS = ("reasoning_content", "reasoning")
+_MAX_ERROR_TEXT = 1000
+# One encoder made once: json.dumps(**options) would build a new one per call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _dumps(obj: object) -> bytes:
+    """Compact UTF-8 JSON, used only when a chunk had to change."""
+    return _encode_json(obj).encode()
+
+
+def encode(data: bytes) -> bytes:
+    """Frame data as one SSE event; each line gets its own `data:` field so line ends survive."""
+    if b"\n" in data or b"\r" in data:
+        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        return b"data: " + b"\ndata: ".join(lines) + b"\n\n"
+    return b"data: " + data + b"\n\n"
+
+
+# --- decoder -----------------------------------------------------------------------
+
+
+class SSEDecoder:
+    """Incremental event-stream parser per WHATWG HTML 9.2.6, fed raw bytes in any split."""
+
+    __slots__ = ("_buf", "_skip_lf", "_started", "_event", "_data")
+
+    def __init__(self) -> None:
+        self._buf = b""          # an incomplete line (holds no line end)
+        self._skip_lf = False    # the last chunk ended in CR: a leading LF is the same line end
+        self._started = False    # the BOM check at stream start is done
+        self._event = b""        # the event type buffer
+        self._data: list[bytes] = []  # the data buffer, one item per data line
+
+    def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        """Consume a chunk and return the events it completed as (type, data)."""
+        if self._skip_lf and chunk:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        data = self._buf + chunk if self._buf else chunk
+        if not self._started:
+            # "A single U+FEFF BYTE ORDER MARK character, if any, at the start of the
+            # stream must be ignored"; it may itself arrive split across chunks.
+            if len(data) < 3 and _BOM.startswith(data):
+                self._buf = data
+                return []
+            self._started = True
+            if data[:3] == _BOM:
+                data = data[3:]
+        last = data[-1:]
+        if last == b"\n" or last == b"\r":
+            self._buf = b""
+            self._skip_lf = last == b"\r"
+        else:
+            cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+            self._buf = data[cut:]
+            if not cut:
+                return []
+            data = data[:cut]
+        # bytes.splitlines splits on exactly LF, CRLF and CR: the spec's three line ends.
+        return self._lines(data.splitlines())
+
+    def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
+        """Apply the spec's field rules to complete lines, dispatching at blank lines."""
+        events = []
+        data = self._data
+        for line in lines:
+            if not line:
+                if data:
+                    event = self._event.decode("utf-8", "replace") if self._event else "message"
+                    events.append((event, b"\n".join(data)))
+                    data.clear()
+                self._event = b""
+            elif line[:6] == b"data: ":
+                data.append(line[6:])
+            elif line[:5] == b"data:":
+                data.append(line[5:])
+            elif line[:1] != b":":  # a leading colon is a comment
+                name, _, value = line.partition(b":")
+                if value[:1] == b" ":
+                    value = value[1:]
+                if name == b"event":
+                    self._event = value
+                elif name == b"data":  # "data" without a colon: an empty data line
+                    data.append(value)
+                # "id" and "retry" only matter to a reconnecting client, not to a relay.
+        return events
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """A client body the proxy refuses with 400 invalid_request_error."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class UpstreamStreamError(Exception):
+    """Upstream reported an error inside a stream it had answered with 200."""
+
+    def __init__(self, error: dict) -> None:
+        super().__init__(error["message"])
+        self.error = error
+
+
+def openai_error(message: str, type: str = "upstream_error",
+                 param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's inner error object, so every error the proxy emits has one shape."""
+    return {"message": message, "type": type, "param": param, "code": code}
+
+
+def error_frame(error: dict) -> bytes:
+    """The final `data: {"error": ...}` event of a stream that failed after it began."""
+    return encode(_dumps({"error": error}))
+
+
+def _text(value: object) -> str:
+    """Any JSON value as a message string."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _error_from(value: object, outer: dict | None = None) -> dict:
+    """Shape whatever upstream called an error (an object or a bare string) as OpenAI's."""
+    if isinstance(value, dict):
+        message = (value.get("message") or value.get("error_description")
+                   or value.get("detail") or value.get("error") or value)
+        etype, param, code = value.get("type"), value.get("param"), value.get("code")
+        return openai_error(_text(message),
+                            etype if isinstance(etype, str) and etype else "upstream_error",
+                            param if isinstance(param, str) else None,
+                            None if code is None else str(code))
+    if isinstance(value, str):
+        # {"error": "access_denied", "error_description": "..."}: the string is a code.
+        detail = outer and (outer.get("message") or outer.get("error_description"))
+        if isinstance(detail, str) and detail:
+            return openai_error(detail, code=value)
+        return openai_error(value or "upstream stream error")
+    return openai_error(_text(value))
+
+
+def _error_from_event(data: bytes) -> dict:
+    """The error carried by an SSE `event: error`, whatever its data holds."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        # A plain-text error (or an HTML error page): keep a readable, bounded excerpt.
+        text = data[:_MAX_ERROR_TEXT].decode("utf-8", "replace").strip()
+        return openai_error(text or "upstream stream error")
+    if isinstance(value, dict) and value.get("error") is not None:
+        return _error_from(value["error"], value)
+    return _error_from(value)
+
+
+def _load_chunk(event: str, data: bytes) -> dict | None:
+    """Parse one upstream event as a JSON object; raise for error events, None for noise."""
+    if event == "error":
+        raise UpstreamStreamError(_error_from_event(data))
+    try:
+        chunk = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if type(chunk) is not dict:
+        return None
+    if chunk.get("error") is not None:
+        raise UpstreamStreamError(_error_from(chunk["error"], chunk))
+    return chunk
+
+
+# --- stream: true ------------------------------------------------------------------
+
+
+class StreamRelay:
+    """Turns upstream chunk events into client frames, re-encoding only chunks that must change."""
+
+    __slots__ = ("include_usage", "done", "skipped")
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.done = False   # upstream sent [DONE]
+        self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
+
+    def relay(self, event: str, data: bytes) -> bytes | None:
+        """The frame to send for one upstream event, or None when the client must not see it."""
+        if data == _DONE_DATA or self.done:
+            self.done = True
+            return None
+        chunk = _load_chunk(event, data)
+        if chunk is None:
+            if data.strip() == _DONE_DATA:  # "[DONE]" with stray spaces, off the fast path
+                self.done = True
+            else:
+                self.skipped += 1
+            return None
+        changed = False
+        choices = chunk.get("choices")
+        if type(choices) is not list:
+            # OpenAI clients index chunk.choices unconditionally.
+            chunk["choices"] = choices = []
+            changed = True
+        if not self.include_usage and chunk.get("usage") is not None:
+            if not choices:
+                return None  # the usage-only chunk is for clients that asked for it
+            del chunk["usage"]
+            changed = True
+        if type(chunk.get("created")) is float:
+            # SambaNova sends a float; OpenAI's schema (and strict clients) want an int.
+            chunk["created"] = int(chunk["created"])
+            changed = True
+        return encode(_dumps(chunk)) if changed else encode(data)
+
+    def finish(self) -> bytes:
+        """The one terminal frame of every stream."""
+        return DONE
+
+
+# --- stream: false -----------------------------------------------------------------
+
+
+class _ChoiceState:
+    """What one choice index has accumulated across deltas."""
+
+    __slots__ = ("role", "content", "reasoning", "tool_calls", "finish_reason", "logprobs")
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+        self.content: list[str] = []
+        self.reasoning: dict[str, list[str]] = {}
+        self.tool_calls: dict[int, dict] = {}
+        self.finish_reason: str | None = None
+        self.logprobs: list | None = None
+
+    def add(self, choice: dict) -> None:
+        """Merge one streamed choice delta."""
+        delta = choice.get("delta") or choice.get("message")
+        if not isinstance(delta, dict):
+            delta = {}
+        if isinstance(delta.get("role"), str):
+            self.role = delta["role"]
+        if isinstance(delta.get("content"), str):
+            self.content.append(delta["content"])
+        for key in _REASONING_KEYS:  # gpt-oss: "reasoning"; others: "reasoning_content"
+            if isinstance(delta.get(key), str):
+                self.reasoning.setdefault(key, []).append(delta[key])
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for position, call in enumerate(calls):
+                if isinstance(call, dict):
+                    self._add_tool_call(position, call)
+        if choice.get("finish_reason") is not None:
+            self.finish_reason = choice["finish_reason"]
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+            self.logprobs = (self.logprobs or []) + logprobs["content"]
+
+    def _add_tool_call(self, position: int, delta: dict) -> None:
+        """Merge a tool-call fragment into the call with the same index."""
+        index = delta.get("index")
+        if type(index) is not int:
+            index = position
+        call = self.tool_calls.get(index)
+        if call is None:
+            call = self.tool_calls[index] = {"id": None, "type": "function", "name": "", "args": []}
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        if delta.get("type"):
+            call["type"] = delta["type"]
+        function = delta.get("function")
+        if isinstance(function, dict):
+            name = function.get("name")
+            # Names usually come once; some servers repeat the whole name in every delta.
+            if isinstance(name, str) and name and name != call["name"]:
+                call["name"] += name
+            if isinstance(function.get("arguments"), str):
+                call["args"].append(function["arguments"])
+
+    def result(self, index: int) -> dict:
+        """The choice as a chat.completion choice object."""
+        calls = [{"id": c["id"] or "call_" + secrets.token_hex(12), "type": c["type"],
+                  "function": {"name": c["name"], "arguments": "".join(c["args"])}}
+                 for _, c in sorted(self.tool_calls.items())]
+        message: dict = {"role": self.role or "assistant",
+                         "content": "".join(self.content) if self.content or not calls else None}
+        for key, parts in self.reasoning.items():
+            message[key] = "".join(parts)
+        if calls:
+            message["tool_calls"] = calls
+        finish = self.finish_reason or ("tool_calls" if calls else "stop")
+        logprobs = None if self.logprobs is None else {"content": self.logprobs}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
+
+
+class CompletionAggregator:
+    """Folds an upstream chunk stream into the one chat.completion a stream:false client gets."""
+
+    def __init__(self, model: str = "") -> None:
+        self.done = False
+        self.skipped = 0
+        self._default_model = model   # the requested model, used if no chunk names one
+        self._model: str | None = None
+        self._id: str | None = None
+        self._created: int | None = None
+        self._fingerprint: str | None = None
+        self._usage: dict | None = None
+        self._choices: dict[int, _ChoiceState] = {}
+
+    def add(self, event: str, data: bytes) -> None:
+        """Merge one upstream event; raises UpstreamStreamError for an error event."""
+        if data == _DONE_DATA or self.done:
+            self.done = True
+            return
+        chunk = _load_chunk(event, data)
+        if chunk is None:
+            if data.strip() == _DONE_DATA:  # "[DONE]" with stray spaces, off the fast path
+                self.done = True
+            else:
+                self.skipped += 1
+            return
+        self._add_meta(chunk)
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    index = choice.get("index")
+                    index = index if type(index) is int else 0
+                    state = self._choices.get(index) or self._choices.setdefault(index, _ChoiceState())
+                    state.add(choice)
+
+    def _add_meta(self, chunk: dict) -> None:
+        """Keep the completion-level fields: the first id/model/created, the last usage."""
+        if self._id is None and isinstance(chunk.get("id"), str):
+            self._id = chunk["id"]
+        if self._model is None and isinstance(chunk.get("model"), str):
+            self._model = chunk["model"]
+        created = chunk.get("created")
+        if self._created is None and isinstance(created, (int, float)) and not isinstance(created, bool):
+            self._created = int(created)
+        if isinstance(chunk.get("system_fingerprint"), str):
+            self._fingerprint = chunk["system_fingerprint"]
+        if isinstance(chunk.get("usage"), dict):
+            self._usage = chunk["usage"]
+
+    def result(self) -> dict:
+        """The aggregated chat.completion object; usage is zeros if upstream sent none."""
+        choices = sorted(self._choices.items()) or [(0, _ChoiceState())]
+        completion: dict = {
+            "id": self._id or "chatcmpl-" + secrets.token_hex(12),
+            "object": "chat.completion",
+            "created": self._created if self._created is not None else int(time.time()),
+            "model": self._model or self._default_model,
+        }
+        if self._fingerprint is not None:
+            completion["system_fingerprint"] = self._fingerprint
+        completion["choices"] = [state.result(index) for index, state in choices]
+        completion["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                               **(self._usage or {})}
+        return completion
+
+
+# --- requests ----------------------------------------------------------------------
+
+
+def parse_chat_request(raw: bytes) -> dict:
+    """Parse a chat completion body, refusing what upstream would fail on less clearly."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise RequestError("We could not parse the JSON body of your request: "
+                           "expected a JSON object.") from None
+    if not isinstance(body, dict):
+        raise RequestError("The request body must be a JSON object.")
+    if "messages" not in body:
+        raise RequestError("Missing required parameter: 'messages'.", "messages")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty array of message objects.", "messages")
+    for i, message in enumerate(messages):
+        _check_message(i, message)
+    _check_type(body, "model", str, "a string")
+    _check_type(body, "stream", bool, "a boolean")
+    _check_type(body, "stream_options", dict, "an object")
+    return body
+
+
+def _check_message(i: int, message: object) -> None:
+    """Refuse a message item that is not an object with a string role and usable content."""
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise RequestError(f"Invalid type for '{where}': expected an object.", where)
+    if not isinstance(message.get("role"), str):
+        what = "Missing required parameter" if "role" not in message else "Invalid type for"
+        raise RequestError(f"{what}: '{where}.role' (a string).", f"{where}.role")
+    if "content" not in message:
+        # Assistant turns that only call tools carry no content.
+        if message["role"] != "assistant":
+            raise RequestError(f"Missing required parameter: '{where}.content'.", f"{where}.content")
+    elif not (message["content"] is None or isinstance(message["content"], (str, list))):
+        raise RequestError(f"Invalid type for '{where}.content': expected a string, "
+                           "an array of content parts, or null.", f"{where}.content")
+    elif isinstance(message["content"], list):
+        for j, part in enumerate(message["content"]):
+            if not isinstance(part, dict):
+                raise RequestError(f"Invalid type for '{where}.content[{j}]': expected an object.",
+                                   f"{where}.content[{j}]")
+    if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
+        raise RequestError(f"Invalid type for '{where}.tool_calls': expected an array.",
+                           f"{where}.tool_calls")
+
+
+def _check_type(body: dict, key: str, kind: type, name: str) -> None:
+    """Refuse an optional top-level field of the wrong JSON type (null counts as absent)."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise RequestError(f"Invalid type for '{key}': expected {name}.", key)
+
+
+def wants_stream(body: dict) -> bool:
+    """Whether the client asked for an event stream (stream: true)."""
+    return body.get("stream") is True
+
+
+def wants_usage(body: dict) -> bool:
+    """Whether a streaming client asked for the usage chunk (stream_options.include_usage)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _upstream_body(body: dict, default_model: str) -> dict:
+    """The client's body with streaming and usage forced on; every other parameter unchanged."""
+    options = body.get("stream_options")
+    return {**body, "model": body.get("model") or default_model, "stream": True,
+            "stream_options": {**(options if isinstance(options, dict) else {}),
+                               "include_usage": True}}
+
+
+def samba_payload(body: dict, *, default_model: str, fingerprint: str) -> dict:
+    """The playground completion endpoint's envelope around the client's body (UPSTREAM.md)."""
+    inner = _upstream_body(body, default_model)
+    return {"body": inner, "env_type": env_type(inner["model"]), "fingerprint": fingerprint}
+
+
+def api_payload(body: dict, *, default_model: str) -> dict:
+    """The official OpenAI-compatible API takes the body itself, streaming forced."""
+    return _upstream_body(body, default_model)
+
+
+def env_type(model: str) -> str:
+    """The playground's env_type: public clients pick it from the model id."""
+    lowered = model.lower()
+    if "vision" in lowered:
+        return "vision"
+    if "audio" in lowered or "whisper" in lowered:
+        return "audio"
+    return "text"
+
+
+def new_fingerprint(prefix: str) -> str:
+    """A fresh per-request fingerprint: the prefix and 32 random hex digits."""
+    return prefix + secrets.token_hex(16)
