@@ -40,10 +40,10 @@ def encode(data: bytes) -> bytes:
 class SSEDecoder:
     """Incremental event-stream parser per WHATWG HTML 9.2.6, fed raw bytes in any split."""
 
-    __slots__ = ("_buf", "_skip_lf", "_started", "_event", "_data")
+    __slots__ = ("_partial", "_skip_lf", "_started", "_event", "_data")
 
     def __init__(self) -> None:
-        self._buf = b""          # an incomplete line (holds no line end)
+        self._partial: list[bytes] = []  # pieces of an incomplete line (no line end in them)
         self._skip_lf = False    # the last chunk ended in CR: a leading LF is the same line end
         self._started = False    # the BOM check at stream start is done
         self._event = b""        # the event type buffer
@@ -55,28 +55,36 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        data = self._buf + chunk if self._buf else chunk
         if not self._started:
             # "A single U+FEFF BYTE ORDER MARK character, if any, at the start of the
             # stream must be ignored"; it may itself arrive split across chunks.
-            if len(data) < 3 and _BOM.startswith(data):
-                self._buf = data
+            chunk = b"".join(self._partial) + chunk
+            self._partial.clear()
+            if len(chunk) < 3 and _BOM.startswith(chunk):
+                self._partial.append(chunk)
                 return []
             self._started = True
-            if data[:3] == _BOM:
-                data = data[3:]
-        last = data[-1:]
+            if chunk[:3] == _BOM:
+                chunk = chunk[3:]
+        last = chunk[-1:]
         if last == b"\n" or last == b"\r":
-            self._buf = b""
             self._skip_lf = last == b"\r"
+            rest = b""
         else:
-            cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
-            self._buf = data[cut:]
-            if not cut:
+            cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
+            if not cut:  # no line end yet: keep the piece, without re-copying earlier ones
+                if chunk:
+                    self._partial.append(chunk)
                 return []
-            data = data[:cut]
+            chunk, rest = chunk[:cut], chunk[cut:]
+        if self._partial:
+            self._partial.append(chunk)
+            chunk = b"".join(self._partial)
+            self._partial.clear()
+        if rest:
+            self._partial.append(rest)
         # bytes.splitlines splits on exactly LF, CRLF and CR: the spec's three line ends.
-        return self._lines(data.splitlines())
+        return self._lines(chunk.splitlines())
 
     def _lines(self, lines: list[bytes]) -> list[tuple[str, bytes]]:
         """Apply the spec's field rules to complete lines, dispatching at blank lines."""
