@@ -14,7 +14,7 @@ demo: $(VENV)/.runtime
 	@bash tests/demo.sh "$(BIN)/python" "$(DEMO_FAKE_PORT)"
 
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.dev
 	$(BIN)/python tests/bench.py
