@@ -162,6 +162,8 @@ class Upstream:
                 await route.rejected(token)
                 continue
             except ProxyError as error:
+                if error.fallback and route is not self.routes[-1]:
+                    raise
                 if not error.retryable or attempt >= len(self.retry_delays) or is_gone():
                     raise
                 delay = self._retry_delay(attempt, error.retry_after)

@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import AUTH, CLIENT_KEY, PASSWORD
-from fake_samba import Reply
+from conftest import AUTH, CLIENT_KEY, EMAIL, PASSWORD
+from fake_samba import FakeSamba, Reply
 from sambaproxy import NOISY_LOGGERS, configure_logging
 
 MODEL = "Meta-Llama-3.3-70B-Instruct"
@@ -383,3 +383,86 @@ async def test_no_secret_reaches_logs_or_answers_at_debug_level(fake, start_prox
     assert fake.logins == 2
     for secret in [PASSWORD, CLIENT_KEY, *fake.issued]:
         assert secret not in seen
+
+
+# --- token lifecycle and routes (issue 3) ------------------------------------------------
+
+async def test_refresh_before_expiry_loses_no_request_while_streams_run(start_proxy):
+    fake = FakeSamba(email=EMAIL, password=PASSWORD, token_ttl=2.0)
+    await fake.start()
+    try:
+        app = await start_proxy(fake, TOKEN_REFRESH_MARGIN="1.2")
+        await fake.wait_for(lambda f: f.logins == 1)
+        fake.default_reply = Reply(text=" ".join(["tok"] * 15), delay=0.1)
+        body = {**HELLO, "stream": True}
+        async with httpx.AsyncClient(timeout=20) as client:
+            post = lambda: client.post(f"{app.url}/v1/chat/completions", headers=AUTH, json=body)
+            first = [asyncio.ensure_future(post()) for _ in range(20)]
+            await fake.wait_for(lambda f: f.logins == 2, timeout=10)
+            later = [asyncio.ensure_future(post()) for _ in range(5)]
+            results = await asyncio.gather(*first, *later)
+        assert all(r.status_code == 200 and sse_data(r.text)[-1] == "[DONE]" for r in results)
+        assert len(fake.completions) == 25, "a request was retried: the old token was refused"
+        assert fake.completions[-1]["headers"]["cookie"] != fake.completions[0]["headers"]["cookie"]
+    finally:
+        await fake.stop()
+
+
+async def test_restart_with_a_cached_token_needs_no_login(fake, start_proxy, tmp_path):
+    cache = str(tmp_path / "cache" / "token.json")
+    first = await start_proxy(fake, TOKEN_CACHE_FILE=cache)
+    await asyncio.wait_for(first.tokens.get_token(), 5)
+    await first.aclose(grace=1.0)
+    attempts = fake.login_attempts
+    second = await start_proxy(fake, TOKEN_CACHE_FILE=cache)
+    completion = await sdk(second).chat.completions.create(**HELLO)
+    assert completion.choices[0].message.content == "Echo: hello"
+    assert fake.login_attempts == attempts and second.tokens.info()["token_source"] == "cache_file"
+
+
+async def test_official_api_mode_end_to_end(fake, start_proxy):
+    app = await start_proxy(fake, SAMBA_EMAIL="", SAMBA_PASSWORD="", SAMBANOVA_API_KEY="fake-api-key")
+    client = sdk(app)
+    whole = await client.chat.completions.create(**HELLO)
+    chunks = [c async for c in await client.chat.completions.create(**HELLO, stream=True)]
+    assert whole.choices[0].message.content == "Echo: hello" and whole.usage.total_tokens > 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: hello"
+    assert all(c.usage is None for c in chunks)
+    sent = fake.completions[-1]
+    assert sent["path"] == "/v1/chat/completions" and sent["json"]["stream"] is True
+    assert fake.login_attempts == 0
+    info = (await httpx.AsyncClient().get(f"{app.url}/info")).json()
+    assert info["routes"]["api_key"] == {"configured": True, "healthy": True}
+    assert info["routes"]["account"]["configured"] is False
+
+
+async def test_wrong_official_api_key_is_502_without_the_key(fake, start_proxy):
+    app = await start_proxy(fake, SAMBA_EMAIL="", SAMBA_PASSWORD="", SAMBANOVA_API_KEY="bad-key-77e1")
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(f"{app.url}/v1/chat/completions", headers=AUTH, json=HELLO)
+    assert r.status_code == 502 and "bad-key-77e1" not in r.text
+
+
+async def test_rate_limited_account_falls_back_to_the_key_route(fake, start_proxy):
+    app = await start_proxy(fake, SAMBANOVA_API_KEY="fake-api-key")
+    fake.script.append(Reply(status=429, headers={"retry-after": "30"}))
+    completion = await sdk(app).chat.completions.create(**HELLO)
+    assert completion.choices[0].message.content == "Echo: hello"
+    assert [c["path"] for c in fake.completions] == ["/api/completion", "/v1/chat/completions"]
+    info = (await httpx.AsyncClient().get(f"{app.url}/info")).json()
+    assert info["routes"]["account"]["healthy"] is False and info["routes"]["api_key"]["healthy"] is True
+
+
+async def test_model_list_is_cached_and_survives_an_upstream_outage(fake, proxy, start_proxy):
+    async with httpx.AsyncClient(timeout=10, headers=AUTH) as client:
+        first = (await client.get(f"{proxy.url}/v1/models")).json()
+        again = (await client.get(f"{proxy.url}/v1/models")).json()
+        assert first == again and fake.models_requests == 1
+        fake.models_status = 503
+        proxy.catalog.ttl = 0
+        during = (await client.get(f"{proxy.url}/v1/models")).json()
+        assert during == first and fake.models_requests == 2
+        cold = await start_proxy(fake)
+        builtin = (await client.get(f"{cold.url}/v1/models")).json()
+    assert {m["id"] for m in builtin["data"]} >= {"DeepSeek-R1", "Meta-Llama-3.3-70B-Instruct"}
+    assert all(m["object"] == "model" and isinstance(m["created"], int) for m in builtin["data"])
