@@ -61,7 +61,7 @@ class Connection(asyncio.Protocol):
         elif protocol == "http/1.1":
             self.driver = H11Driver(self)
         self.touch()
-        self._timer = self.loop.call_later(IDLE_TIMEOUT, self._check_idle)
+        self._timer = self.loop.call_later(self.server.idle_timeout, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -114,15 +114,16 @@ class Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
 
     def _check_idle(self) -> None:
-        """Close a connection idle for IDLE_TIMEOUT; otherwise look again later."""
+        """Close a connection without a request for `idle_timeout`; otherwise look again later."""
+        timeout = self.server.idle_timeout
         idle_for = self.loop.time() - self.last_activity
         quiet = self.driver is None or self.driver.idle()
-        if quiet and idle_for >= IDLE_TIMEOUT:
+        if quiet and idle_for >= timeout:
             log.debug("closing idle connection")
             self.close()
             return
-        delay = IDLE_TIMEOUT - idle_for if quiet else IDLE_TIMEOUT
-        self._timer = self.loop.call_later(max(delay, 1.0), self._check_idle)
+        delay = timeout - idle_for if quiet else timeout
+        self._timer = self.loop.call_later(max(delay, 0.01), self._check_idle)
 
     def close_later(self, delay: float) -> None:
         """Close the transport after `delay` seconds (lingering close)."""
@@ -153,8 +154,10 @@ class Server:
     """Accepts connections and runs `handler(request, responder)` for each request."""
 
     def __init__(self, handler: Handler, *, max_body_bytes: int, ssl_context=None,
-                 error_body: Callable[[int, str, str, str | None], bytes] | None = None) -> None:
+                 error_body: Callable[[int, str, str, str | None], bytes] | None = None,
+                 idle_timeout: float = IDLE_TIMEOUT) -> None:
         self.handler = handler
+        self.idle_timeout = idle_timeout
         self.max_body_bytes = max_body_bytes
         self.ssl_context = ssl_context
         self.error_body = error_body or default_error_body

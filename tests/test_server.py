@@ -40,6 +40,7 @@ class App:
         self.write_raised = asyncio.Event()
         self.cancelled = False
         self.idle_writes = []
+        self.max_buffered = 0
 
     def _left(self):
         self.gone_count += 1
@@ -78,6 +79,15 @@ class App:
         piece = bytes(range(256)) * 256  # 64 KiB
         for _ in range(size // len(piece)):
             await responder.write(piece)
+        await responder.end()
+
+    async def do_buffered(self, request, responder):
+        # Reports the most bytes ever waiting in the transport: write() must wait for drain.
+        transport = responder._driver.transport
+        await responder.start(200, [])
+        for _ in range(256):
+            await responder.write(b"b" * 65536)
+            self.max_buffered = max(self.max_buffered, transport.get_write_buffer_size())
         await responder.end()
 
     async def do_big_send(self, request, responder):
@@ -215,6 +225,27 @@ async def test_exception_after_start_aborts_the_response(client):
 async def test_head_gets_headers_only(client):
     response = await client.head("/echo")
     assert response.status_code == 200 and response.content == b""
+
+
+async def test_write_waits_for_the_transport_to_drain(client, app):
+    async with client.stream("GET", "/buffered") as response:
+        size = sum([len(chunk) async for chunk in response.aiter_bytes()])
+    assert size == 256 * 65536
+    assert 0 < app.max_buffered <= 512 * 1024  # 16 MiB written, never more than a little queued
+
+
+async def test_idle_keep_alive_connection_is_closed(app):
+    srv = Server(app, max_body_bytes=LIMIT, error_body=error_body, idle_timeout=0.2)
+    await srv.start("127.0.0.1", 0)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", srv.port), WAIT)
+    try:
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, status, _, _ = await read_response(reader)
+        assert status == 200
+        assert await read_to_eof(reader) == b""  # the server closed the idle connection
+    finally:
+        writer.close()
+        await srv.shutdown(grace=1.0)
 
 
 # HTTP/1.1 with raw bytes
