@@ -185,7 +185,7 @@ class App:
             return await self._preflight(request, responder)
         if methods is None:
             raise ProxyError(404, f"no route for {request.path}", "invalid_request_error", "not_found")
-        handler = methods.get(request.method)
+        handler = methods.get("GET" if request.method == "HEAD" else request.method)
         if handler is None:
             raise ProxyError(405, f"{request.method} is not allowed on {request.path}",
                              "invalid_request_error", "method_not_allowed")

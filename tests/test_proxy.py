@@ -187,6 +187,8 @@ async def test_unknown_path_404_and_wrong_method_405(proxy):
         missing = await client.get(f"{proxy.url}/v2/nothing", headers=AUTH)
         wrong = await client.get(f"{proxy.url}/v1/chat/completions", headers=AUTH)
         put = await client.put(f"{proxy.url}/info")
+        head = await client.head(f"{proxy.url}/info")
+    assert head.status_code == 200 and head.content == b""
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert wrong.status_code == 405 and put.status_code == 405
 
