@@ -21,11 +21,11 @@ import time
 
 import httpx
 
-from auth import TokenManager
 from config import Config, ConfigError, load_config
 from server import ClientGone, Request, Responder, Server
 from sse import (KEEPALIVE, CompletionAggregator, RequestError, SSEDecoder, StreamRelay,
                  UpstreamStreamError, encode, parse_chat_request)
+from tokens import TokenManager
 from upstream import AccountRoute, ApiKeyRoute, ModelCatalog, ProxyError, Upstream
 
 __version__ = "0.1.0"

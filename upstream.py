@@ -15,8 +15,8 @@ import time
 
 import httpx
 
-from auth import TokenManager, TokenUnavailable
 from sse import api_payload, new_fingerprint, samba_payload
+from tokens import TokenManager, TokenUnavailable
 
 log = logging.getLogger("sambaproxy.upstream")
 
