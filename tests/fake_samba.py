@@ -1,6 +1,6 @@
 """A faithful fake of SambaNova Cloud, for the test suite and `make demo`.
 
-It speaks HTTP/1.1 through h11 on 127.0.0.1 and serves what UPSTREAM.md
+It speaks HTTP/1.1 on 127.0.0.1 (through fake_http.py) and serves what UPSTREAM.md
 describes: the Auth0 login flow, the playground's /api/completion, and the
 official API's /v1/models and /v1/chat/completions.  Tests script answers
 through `FakeSamba.script` and observe it through its counters and `wait_for`.
@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import base64
 import collections
-import contextlib
 import http
 import inspect
 import json
@@ -25,9 +24,9 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import urlencode
 
-import h11
+from fake_http import Conn, FakeHTTPServer, Gone, Request
 
 log = logging.getLogger("fake_samba")
 
@@ -234,157 +233,19 @@ def make_jwt(claims: dict) -> str:
     return f"{header}.{_b64url(json.dumps(claims).encode())}.{_b64url(secrets.token_bytes(32))}"
 
 
-# ---------------------------------------------------------------- connection
-
-class _Gone(Exception):
-    """The client left (EOF or a failed write)."""
-
-
-@dataclass
-class _Request:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: bytes
-
-    def cookies(self) -> dict[str, str]:
-        pairs = (c.strip().partition("=") for c in self.headers.get("cookie", "").split(";"))
-        return {name: value for name, _, value in pairs if name}
-
-    def json(self):
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            return None
-
-
-class _Conn:
-    """One client connection: h11 state plus a reader task that notices EOF at any time."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.h11 = h11.Connection(h11.SERVER)
-        self.reader, self.writer = reader, writer
-        self.gone = asyncio.Event()
-        self.status: int | None = None
-        self._data = asyncio.Event()
-        self._reader_task = asyncio.create_task(self._read_loop())
-
-    async def _read_loop(self) -> None:
-        """Feed h11 while the handler runs, so a client leaving mid-stream is seen at once."""
-        try:
-            while data := await self.reader.read(65536):
-                self.h11.receive_data(data)
-                self._data.set()
-        except OSError:
-            pass
-        finally:
-            self.gone.set()
-            self._data.set()
-
-    async def _next_event(self):
-        while (event := self.h11.next_event()) is h11.NEED_DATA:
-            if self.gone.is_set():
-                return None
-            self._data.clear()
-            await self._data.wait()
-        return event
-
-    async def read_request(self) -> _Request | None:
-        """The next whole request, or None when the client has closed."""
-        start = await self._next_event()
-        if not isinstance(start, h11.Request):
-            return None
-        body = bytearray()
-        while not isinstance(event := await self._next_event(), h11.EndOfMessage):
-            if not isinstance(event, h11.Data):
-                return None
-            body += event.data
-        headers: dict[str, str] = {}
-        for name, value in start.headers:
-            key, text = name.decode("latin-1"), value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        path, _, query = start.target.decode("latin-1").partition("?")
-        params = {k: v[0] for k, v in parse_qs(query, keep_blank_values=True).items()}
-        return _Request(start.method.decode(), path, params, headers, bytes(body))
-
-    async def _send(self, *events) -> None:
-        if self.gone.is_set():
-            raise _Gone
-        try:
-            for event in events:
-                self.writer.write(self.h11.send(event))
-            await self.writer.drain()
-        except OSError as exc:
-            self.gone.set()
-            raise _Gone from exc
-
-    async def respond(self, status: int, headers: list, body: bytes = b"") -> None:
-        """A whole response with content-length."""
-        await self.start(status, [*headers, ("content-length", str(len(body)))])
-        await self._send(*([h11.Data(data=body)] if body else []), h11.EndOfMessage())
-
-    async def start(self, status: int, headers: list) -> None:
-        """Headers of a streamed response; h11 picks chunked framing for HTTP/1.1."""
-        self.status = status
-        await self._send(h11.Response(status_code=status, headers=headers,
-                                      reason=http.HTTPStatus(status).phrase.encode()))
-
-    async def write(self, data: bytes) -> None:
-        await self._send(h11.Data(data=data))
-
-    async def end(self) -> None:
-        await self._send(h11.EndOfMessage())
-
-    async def pause(self, seconds: float) -> None:
-        """A real delay of the answer that ends early, with _Gone, if the client leaves."""
-        if seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.gone.wait(), seconds)
-        if self.gone.is_set():
-            raise _Gone
-
-    async def until_gone(self) -> None:
-        """Keep the connection open and silent until the client closes it."""
-        await self.gone.wait()
-        raise _Gone
-
-    def drop(self) -> None:
-        """Close the socket mid-response: no terminal chunk, so the body is incomplete."""
-        self.writer.close()
-
-    def next_cycle(self) -> bool:
-        """Keep the connection alive if h11 says both sides finished cleanly (RFC 9112 §9.3)."""
-        if self.gone.is_set() or self.writer.is_closing():
-            return False
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
-            self.h11.start_next_cycle()
-            return True
-        return False
-
-    def abort(self) -> None:
-        self.gone.set()
-        self.writer.transport.abort()
-
-    async def close(self) -> None:
-        self._reader_task.cancel()
-        self.writer.close()
-        with contextlib.suppress(OSError, TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(self.writer.wait_closed(), 1.0)
-        await asyncio.gather(self._reader_task, return_exceptions=True)
-
-
 # ---------------------------------------------------------------- the fake
 
-class FakeSamba:
+class FakeSamba(FakeHTTPServer):
     """SambaNova Cloud on 127.0.0.1, scriptable and observable by tests."""
+
+    logger = log
 
     def __init__(self, *, email="demo@example.com", password="demo-password",
                  client_id="fake-client-id", api_key="fake-api-key",
                  token_ttl: float | None = None):
+        super().__init__()
         self.email, self.password, self.client_id = email, password, client_id
         self.api_key, self.token_ttl = api_key, token_ttl
-        self.url = ""
         self.script: collections.deque[Reply] = collections.deque()
         self.default_reply = Reply()          # answer when the script is empty
         self.login_status: int | None = None
@@ -403,10 +264,6 @@ class FakeSamba:
         self._tickets: set[str] = set()
         self._codes: dict[str, tuple[str, str]] = {}
         self._changed = asyncio.Event()
-        self._server: asyncio.Server | None = None
-        self._conns: set[_Conn] = set()
-        self._tasks: set[asyncio.Task] = set()
-        self._stopping = False
         self._routes = {
             "/": ("GET", self._home),
             "/api/config": ("GET", self._config),
@@ -421,29 +278,6 @@ class FakeSamba:
     @property
     def redirect_url(self) -> str:
         return f"{self.url}/api/auth/callback"
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._stopping = False
-        self._server = await asyncio.start_server(self._on_connect, host, port)
-        bound = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://{host}:{bound}"
-
-    async def stop(self) -> None:
-        """Close the listener and every open connection, stalled streams included."""
-        self._stopping = True
-        if self._server is None:
-            return
-        self._server.close()
-        for conn in list(self._conns):
-            conn.abort()
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=2.0)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._server.wait_closed(), 2.0)
-        self._server = None
 
     def _notify(self) -> None:
         """Wake every wait_for: each waiter holds the old event, the next waits on a new one."""
@@ -499,70 +333,21 @@ class FakeSamba:
             return False
         return True
 
-    # ------------------------------------------------------------ HTTP plumbing
-
-    async def _on_connect(self, reader, writer) -> None:
-        conn, task = _Conn(reader, writer), asyncio.current_task()
-        self._conns.add(conn)
-        self._tasks.add(task)
-        try:
-            await self._serve(conn)
-        except Exception:  # a bug in the fake: log it, close this connection only
-            log.exception("fake_samba: connection failed")
-        finally:
-            self._conns.discard(conn)
-            self._tasks.discard(task)
-            await conn.close()
-
-    async def _serve(self, conn: _Conn) -> None:
-        """Requests one after another on a keep-alive connection."""
-        while True:
-            try:
-                req = await conn.read_request()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                with contextlib.suppress(_Gone, h11.LocalProtocolError):
-                    await self._json(conn, status, error_body(status))
-                return
-            if req is None:
-                return
-            try:
-                await self._dispatch(conn, req)
-            except _Gone:
-                return
-            log.debug("%s %s -> %s", req.method, req.path, conn.status)
-            if not conn.next_cycle():
-                return
-
-    async def _dispatch(self, conn: _Conn, req: _Request) -> None:
-        route = self._routes.get(req.path)
-        if route is None:
-            return await self._json(conn, 404, error_body(404, f"no route {req.path}"))
-        if route[0] != req.method:
-            return await self._json(conn, 405, error_body(405), [("allow", route[0])])
-        await route[1](conn, req)
-
-    async def _json(self, conn: _Conn, status: int, obj, headers=()) -> None:
-        await conn.respond(status, [("content-type", "application/json"), *headers],
-                           json.dumps(obj).encode())
-
-    async def _redirect(self, conn: _Conn, location: str, headers=()) -> None:
-        await conn.respond(302, [("location", location), *headers])
-
-    async def _plain(self, conn: _Conn, status: int, text: str) -> None:
-        await conn.respond(status, [("content-type", "text/plain")], text.encode())
+    def error_object(self, status: int, message: str | None = None) -> dict:
+        """SambaNova's OpenAI-shaped errors, for unknown routes and malformed requests too."""
+        return error_body(status, message)
 
     # ------------------------------------------------------------ login flow
 
-    async def _home(self, conn: _Conn, req: _Request) -> None:
+    async def _home(self, conn: Conn, req: Request) -> None:
         page = b"<!doctype html><title>SambaNova Cloud (fake)</title><p>Signed in.</p>"
         await conn.respond(200, [("content-type", "text/html; charset=utf-8")], page)
 
-    async def _config(self, conn: _Conn, req: _Request) -> None:
+    async def _config(self, conn: Conn, req: Request) -> None:
         await self._json(conn, 200, {"clientId": self.client_id, "redirectURL": self.redirect_url,
                                      "issuerBaseUrl": f"{self.url}/auth", "baseURL": self.url})
 
-    async def _authenticate(self, conn: _Conn, req: _Request) -> None:
+    async def _authenticate(self, conn: Conn, req: Request) -> None:
         """Auth0 cross-origin authentication: credentials in, login ticket out."""
         self.login_attempts += 1
         self._notify()
@@ -592,13 +377,13 @@ class FakeSamba:
             return "username and password are required"
         return None
 
-    async def _forced_login_error(self, conn: _Conn, status: int) -> None:
+    async def _forced_login_error(self, conn: Conn, status: int) -> None:
         error = {429: "too_many_attempts", 401: "access_denied", 403: "access_denied"}
         body = auth0_error(error.get(status, "server_error"), http.HTTPStatus(status).phrase)
         headers = [("retry-after", self.login_retry_after)] if self.login_retry_after else []
         await self._json(conn, status, body, headers)
 
-    async def _authorize(self, conn: _Conn, req: _Request) -> None:
+    async def _authorize(self, conn: Conn, req: Request) -> None:
         """Trade a login ticket for an authorization code, by redirect (RFC 6749 §4.1.2)."""
         q = req.query
         if q.get("client_id") != self.client_id or q.get("redirect_uri") != self.redirect_url:
@@ -628,7 +413,7 @@ class FakeSamba:
             return "access_denied", "invalid or used login_ticket"
         return None
 
-    async def _callback(self, conn: _Conn, req: _Request) -> None:
+    async def _callback(self, conn: Conn, req: Request) -> None:
         """Check code, state and the nonce cookie, then set access_token and go home."""
         nonce, state = self._codes.pop(req.query.get("code", ""), (None, None))
         if nonce is None:
@@ -645,18 +430,18 @@ class FakeSamba:
 
     # ------------------------------------------------------------ models and completions
 
-    async def _models(self, conn: _Conn, req: _Request) -> None:
+    async def _models(self, conn: Conn, req: Request) -> None:
         self.models_requests += 1
         self._notify()
         if self.models_status is not None:
             return await self._json(conn, self.models_status, error_body(self.models_status))
         await self._json(conn, 200, {"object": "list", "data": list(MODELS)})
 
-    def _record(self, req: _Request, payload) -> None:
+    def _record(self, req: Request, payload) -> None:
         self.completions.append({"path": req.path, "headers": req.headers, "json": payload})
         self._notify()
 
-    async def _completion(self, conn: _Conn, req: _Request) -> None:
+    async def _completion(self, conn: Conn, req: Request) -> None:
         """The playground endpoint: cookie auth, SambaNova payload, SSE answer."""
         payload = req.json()
         self._record(req, payload)
@@ -670,7 +455,7 @@ class FakeSamba:
         body = payload["body"]
         await self._answer(conn, body["model"], body["messages"], body["stream"])
 
-    async def _official(self, conn: _Conn, req: _Request) -> None:
+    async def _official(self, conn: Conn, req: Request) -> None:
         """The official OpenAI-compatible API: Bearer key, OpenAI body."""
         body = req.json()
         self._record(req, body)
@@ -681,21 +466,21 @@ class FakeSamba:
             return await self._json(conn, 400, error_body(400, problem))
         await self._answer(conn, body["model"], body["messages"], body.get("stream", False))
 
-    async def _answer(self, conn: _Conn, model: str, messages: list, stream: bool) -> None:
+    async def _answer(self, conn: Conn, model: str, messages: list, stream: bool) -> None:
         """Play the next scripted Reply, counting it open and noticing if its client leaves."""
         reply = self.script.popleft() if self.script else self.default_reply
         self.open_streams += 1
         self._notify()
         try:
             await self._play(conn, reply, model, messages, stream)
-        except _Gone:
+        except Gone:
             if not self._stopping:
                 self.disconnects += 1
         finally:
             self.open_streams -= 1
             self._notify()
 
-    async def _play(self, conn: _Conn, reply: Reply, model: str, messages: list, stream: bool):
+    async def _play(self, conn: Conn, reply: Reply, model: str, messages: list, stream: bool):
         if reply.hang:
             await conn.until_gone()
         if reply.status != 200:
@@ -715,7 +500,7 @@ class FakeSamba:
         await self._json(conn, 200, completion_object(reply, model, messages),
                          list(reply.headers.items()))
 
-    async def _stream(self, conn: _Conn, reply: Reply, events: list) -> None:
+    async def _stream(self, conn: Conn, reply: Reply, events: list) -> None:
         """Send events one chunk each, with delays, drops, stalls and error events as scripted."""
         await conn.start(200, [("content-type", "text/event-stream; charset=utf-8"),
                                ("cache-control", "no-cache"), *reply.headers.items()])
