@@ -26,7 +26,8 @@ from server import ClientGone, Request, Responder, Server
 from sse import (KEEPALIVE, CompletionAggregator, RequestError, SSEDecoder, StreamRelay,
                  UpstreamStreamError, encode, parse_chat_request)
 from tokens import TokenManager
-from upstream import AccountRoute, ApiKeyRoute, ModelCatalog, ProxyError, Upstream
+from upstream import (AccountRoute, ApiKeyRoute, ModelCatalog, ProxyError, Upstream,
+                      cancel_http2_stream)
 
 __version__ = "0.1.0"
 
@@ -370,11 +371,16 @@ class _Exchange:
         self.response: httpx.Response | None = None
 
     def client_left(self) -> None:
-        # Closing an HTTP/1.1 upstream response closes its connection, which ends
-        # the reading loop at once. The reading task itself is never cancelled: a
-        # task cancelled mid-write over TLS breaks a shared HTTP/2 connection.
+        # The reading task is never cancelled: a task cancelled mid-write over TLS
+        # breaks a shared HTTP/2 connection for every request on it. Instead an
+        # HTTP/1.1 upstream response is closed (closing its connection ends the
+        # read at once) and an HTTP/2 stream is reset.
         response = self.response
-        if response is not None and response.http_version != "HTTP/2":
+        if response is None:
+            return
+        if response.http_version == "HTTP/2":
+            self.app.spawn(cancel_http2_stream(response))
+        else:
             self.app.spawn(response.aclose())
 
 

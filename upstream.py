@@ -10,9 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 
+import h2.errors
+import h2.events
+import h2.exceptions
+import httpcore
 import httpx
 
 from sse import api_payload, new_fingerprint, samba_payload
@@ -300,3 +305,47 @@ class ModelCatalog:
 
     def _builtin(self) -> list[dict]:
         return [self._normalise({"id": model_id}) for model_id in KNOWN_MODELS]
+
+
+async def cancel_http2_stream(response: httpx.Response) -> bool:
+    """Tell an HTTP/2 upstream that an answer is abandoned, and wake the task reading it.
+
+    httpcore 1.0 forgets an abandoned HTTP/2 stream without sending RST_STREAM,
+    so upstream would go on generating, and the task reading it would wait for
+    the next frame of the connection. This sends RST_STREAM (RFC 9113 §6.4) and
+    a PING whose ACK wakes that reader, which then finds a StreamReset event and
+    ends. It reaches into httpcore's private state, checked at every step, and
+    does nothing when that differs. The reading task itself is never cancelled.
+    """
+    stream = _httpcore_h2_stream(response)
+    if stream is None:
+        return False
+    connection, stream_id = stream._connection, stream._stream_id
+    events = connection._events.get(stream_id)
+    if events is None:
+        return False
+    try:
+        connection._h2_state.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
+    except h2.exceptions.ProtocolError:
+        return False
+    events.append(h2.events.StreamReset(stream_id=stream_id, error_code=h2.errors.ErrorCodes.CANCEL,
+                                        remote_reset=False))
+    connection._h2_state.ping(os.urandom(8))
+    try:
+        await connection._write_outgoing_data(stream._request)
+    except Exception as exc:  # the connection is already failing; its reader will see it too
+        log.debug("could not reset an abandoned HTTP/2 stream: %s", type(exc).__name__)
+    return True
+
+
+def _httpcore_h2_stream(response: httpx.Response):
+    """The httpcore HTTP/2 stream behind an httpx response, or None."""
+    stream = getattr(getattr(response.stream, "_stream", None), "_httpcore_stream", None)
+    stream = getattr(stream, "_stream", None)
+    connection = getattr(stream, "_connection", None)
+    if not isinstance(connection, httpcore.AsyncHTTP2Connection):
+        return None
+    needed = ("_events", "_h2_state", "_write_outgoing_data")
+    if not all(hasattr(connection, name) for name in needed) or not hasattr(stream, "_stream_id"):
+        return None
+    return stream
