@@ -3,9 +3,7 @@
 import asyncio
 import json
 import re
-import shutil
 import ssl
-import subprocess
 import sys
 from pathlib import Path
 
@@ -437,17 +435,6 @@ async def test_h2_413_from_body_then_reset(connect, server):
 
 
 # TLS with ALPN
-
-@pytest.fixture
-def certificate(tmp_path):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl command not found: cannot make a throwaway certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
-    return cert, key
-
 
 async def test_tls_alpn_negotiates_h2_and_http11(app, certificate):
     cert, key = certificate
