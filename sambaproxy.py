@@ -24,7 +24,8 @@ import httpx
 from config import Config, ConfigError, load_config
 from server import ClientGone, Request, Responder, Server
 from sse import (KEEPALIVE, CompletionAggregator, RequestError, SSEDecoder, StreamRelay,
-                 UpstreamStreamError, encode, parse_chat_request)
+                 UpstreamStreamError, error_frame, openai_error, parse_chat_request, wants_stream,
+                 wants_usage)
 from tokens import TokenManager
 from upstream import (AccountRoute, ApiKeyRoute, ModelCatalog, ProxyError, Upstream,
                       cancel_http2_stream)
@@ -233,7 +234,6 @@ class App:
         except RequestError as exc:
             raise ProxyError(400, exc.message, "invalid_request_error", "invalid_request",
                              param=exc.param) from None
-        stream = body.get("stream") is True
         exchange = _Exchange(self)
         responder.on_gone(exchange.client_left)
         response = await self.upstream.open(body, lambda: responder.gone)
@@ -241,9 +241,8 @@ class App:
         try:
             if responder.gone:
                 return
-            if stream:
-                options = body.get("stream_options") or {}
-                await self._relay_stream(response, responder, options.get("include_usage") is True)
+            if wants_stream(body):
+                await self._relay_stream(response, responder, wants_usage(body))
             else:
                 await self._relay_whole(response, responder)
         finally:
@@ -264,10 +263,10 @@ class App:
                     await responder.write(frames[0] if len(frames) == 1 else b"".join(frames))
                 if responder.gone:
                     return
-            tail = relay.finish() if relay.done else _error_frame(
-                "SambaNova ended the stream before [DONE]", "upstream_error", "upstream_incomplete")
+            tail = relay.finish() if relay.done else error_frame(openai_error(
+                "SambaNova ended the stream before [DONE]", "upstream_error", code="upstream_incomplete"))
         except UpstreamStreamError as exc:
-            tail = encode(_json({"error": exc.error}))
+            tail = error_frame(exc.error)
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
@@ -384,16 +383,14 @@ class _Exchange:
             self.app.spawn(response.aclose())
 
 
-def _error_frame(message: str, type_: str, code: str) -> bytes:
-    return encode(_json({"error": {"message": message, "type": type_, "param": None, "code": code}}))
-
-
 def _stream_failure(exc: httpx.HTTPError) -> bytes:
+    """The last event of a stream whose upstream failed after the 200 was sent."""
     if isinstance(exc, httpx.TimeoutException):
-        return _error_frame("SambaNova went silent past UPSTREAM_READ_TIMEOUT", "timeout", "upstream_timeout")
+        return error_frame(openai_error("SambaNova went silent past UPSTREAM_READ_TIMEOUT",
+                                        "timeout", code="upstream_timeout"))
     log.warning("upstream stream failed: %s", type(exc).__name__)
-    return _error_frame(f"SambaNova connection lost mid-stream ({type(exc).__name__})",
-                        "upstream_error", "upstream_disconnected")
+    return error_frame(openai_error(f"SambaNova connection lost mid-stream ({type(exc).__name__})",
+                                    code="upstream_disconnected"))
 
 
 def _make_client(config: Config) -> httpx.AsyncClient:

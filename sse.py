@@ -196,21 +196,13 @@ def _load_chunk(event: str, data: bytes) -> dict | None:
     return chunk
 
 
-# --- stream: true ------------------------------------------------------------------
+class _ChunkReader:
+    """What relay and aggregation share: [DONE], events that are not JSON, error events."""
 
+    __slots__ = ("done", "skipped")
 
-class StreamRelay:
-    """Turns upstream chunk events into client frames, re-encoding only chunks that must change."""
-
-    __slots__ = ("include_usage", "done", "skipped")
-
-    def __init__(self, include_usage: bool) -> None:
-        self.include_usage = include_usage
-        self.done = False   # upstream sent [DONE]
-        self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
-
-    def relay(self, event: str, data: bytes) -> bytes | None:
-        """The frame to send for one upstream event, or None when the client must not see it."""
+    def _next_chunk(self, event: str, data: bytes) -> dict | None:
+        """The chunk of one event, or None for [DONE] and for events the client must not see."""
         if data == _DONE_DATA or self.done:
             self.done = True
             return None
@@ -220,6 +212,26 @@ class StreamRelay:
                 self.done = True
             else:
                 self.skipped += 1
+        return chunk
+
+
+# --- stream: true ------------------------------------------------------------------
+
+
+class StreamRelay(_ChunkReader):
+    """Turns upstream chunk events into client frames, re-encoding only chunks that must change."""
+
+    __slots__ = ("include_usage",)
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.done = False   # upstream sent [DONE]
+        self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
+
+    def relay(self, event: str, data: bytes) -> bytes | None:
+        """The frame to send for one upstream event, or None when the client must not see it."""
+        chunk = self._next_chunk(event, data)
+        if chunk is None:
             return None
         changed = False
         choices = chunk.get("choices")
@@ -319,7 +331,7 @@ class _ChoiceState:
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
 
 
-class CompletionAggregator:
+class CompletionAggregator(_ChunkReader):
     """Folds an upstream chunk stream into the one chat.completion a stream:false client gets."""
 
     def __init__(self, model: str = "") -> None:
@@ -335,15 +347,8 @@ class CompletionAggregator:
 
     def add(self, event: str, data: bytes) -> None:
         """Merge one upstream event; raises UpstreamStreamError for an error event."""
-        if data == _DONE_DATA or self.done:
-            self.done = True
-            return
-        chunk = _load_chunk(event, data)
+        chunk = self._next_chunk(event, data)
         if chunk is None:
-            if data.strip() == _DONE_DATA:  # "[DONE]" with stray spaces, off the fast path
-                self.done = True
-            else:
-                self.skipped += 1
             return
         self._add_meta(chunk)
         choices = chunk.get("choices")
