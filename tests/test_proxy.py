@@ -468,3 +468,17 @@ async def test_model_list_is_cached_and_survives_an_upstream_outage(fake, proxy,
         builtin = (await client.get(f"{cold.url}/v1/models")).json()
     assert {m["id"] for m in builtin["data"]} >= {"DeepSeek-R1", "Meta-Llama-3.3-70B-Instruct"}
     assert all(m["object"] == "model" and isinstance(m["created"], int) for m in builtin["data"])
+
+
+async def test_burst_during_a_login_outage_gets_503_at_once_and_no_extra_logins(fake, start_proxy):
+    fake.login_status = 500
+    app = await start_proxy(fake)
+    await fake.wait_for(lambda f: f.login_attempts == 1)
+    async with httpx.AsyncClient(timeout=10) as client:
+        results = await asyncio.gather(*(client.post(f"{app.url}/v1/chat/completions", headers=AUTH,
+                                                     json=HELLO) for _ in range(100)))
+        info = (await client.get(f"{app.url}/info")).json()
+    assert {r.status_code for r in results} == {503}
+    assert "500" in results[0].json()["error"]["message"]
+    assert fake.login_attempts == 1 and not fake.completions
+    assert info["token_status"] == "error" and info["last_error"] and info["next_attempt_in"] > 0
