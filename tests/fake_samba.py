@@ -528,7 +528,7 @@ class FakeSamba(FakeHTTPServer):
 async def _run(args: argparse.Namespace) -> None:
     fake = FakeSamba(email=args.email, password=args.password, api_key=args.api_key,
                      token_ttl=args.token_ttl)
-    fake.default_reply = Reply(delay=args.delay)
+    fake.default_reply = Reply(delay=args.delay, stall_after=args.stall_after)
     await fake.start(args.host, args.port)
     log.info("fake SambaNova on %s (login email %s; password and API key not shown)",
              fake.url, args.email)
@@ -549,6 +549,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--password", default="demo-password")
     parser.add_argument("--api-key", default="fake-api-key")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between chunks")
+    parser.add_argument("--stall-after", type=int, default=None,
+                        help="send this many chunks, then go silent until the client leaves")
     parser.add_argument("--token-ttl", type=float, default=None, help="issue JWTs with this life")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="fake-samba: %(message)s")
