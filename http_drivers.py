@@ -153,11 +153,12 @@ Handler = Callable[[Request, Responder], Awaitable[None]]
 class H11Responder(Responder):
     """HTTP/1.1 response: Content-Length for send(), framing chosen by h11 for start()."""
 
-    __slots__ = ("_driver",)
+    __slots__ = ("_driver", "_chunked")
 
     def __init__(self, driver: H11Driver, head: bool) -> None:
         super().__init__(head)
         self._driver = driver
+        self._chunked = False
 
     async def send(self, status, headers, body):
         if not self._begin(status):
@@ -179,13 +180,24 @@ class H11Responder(Responder):
             d = self._driver
             response = h11.Response(status_code=status, headers=d.fields(headers, None),
                                     reason=_REASONS.get(status, b""))
-            d.transport.write(d.h11.send(response))
+            head = d.h11.send(response)
+            self._chunked = b"transfer-encoding: chunked\r\n" in head.lower()
+            d.transport.write(head)
+
+    def _frame(self, data: bytes) -> bytes:
+        """Body bytes on the wire, in the framing h11 chose for this response."""
+        # h11's chunked writer keeps no state between chunks, so once h11 has chosen
+        # chunked framing (RFC 9112 §7.1) a chunk can be framed here at a fraction of
+        # the cost of h11.send(Data) on this per-event path; h11 still writes the last chunk.
+        if self._chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return self._driver.h11.send(h11.Data(data=data))
 
     async def write(self, data):
         self._check_open()
         if data and not self._no_body:
             d = self._driver
-            d.transport.write(d.h11.send(h11.Data(data=data)))
+            d.transport.write(self._frame(data))
             if d.conn.paused:
                 self._pending = True
                 try:
@@ -200,7 +212,7 @@ class H11Responder(Responder):
         if self._pending or not self.started or self.ended or self.gone or d.conn.paused:
             return False
         if data and not self._no_body:
-            d.transport.write(d.h11.send(h11.Data(data=data)))
+            d.transport.write(self._frame(data))
         return True
 
     async def end(self):

@@ -7,6 +7,7 @@ client body and build the upstream payload. Tested with byte strings (tests/test
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 
@@ -196,6 +197,33 @@ def _load_chunk(event: str, data: bytes) -> dict | None:
     return chunk
 
 
+_CREATED_KEY = b'"created":'
+_CREATED_VALUE = re.compile(rb"(-?\d+)(\.\d*)?(?=[,}])")
+
+
+def _plain_chunk_frame(data: bytes) -> bytes | None:
+    """The client frame of an ordinary chunk, judged from its bytes alone; None when unsure.
+
+    JSON escapes every quote inside a string, so `"error"`, `"usage"` and
+    `"created":` can only appear in these bytes as keys. A chunk with a list of
+    choices, no error and no usage needs at most its float `created` cut to an
+    int, which is done in place; anything else takes the full parse.
+    """
+    if data[:1] != b"{" or data[-1:] != b"}" or b'"choices":[' not in data \
+            or b'"error"' in data or b'"usage"' in data:
+        return None
+    key = data.find(_CREATED_KEY)
+    if key < 0:
+        return encode(data)
+    start = key + len(_CREATED_KEY)
+    value = _CREATED_VALUE.match(data, start)
+    if value is None or data.find(_CREATED_KEY, start) >= 0:
+        return None
+    if value.group(2) is not None:
+        data = data[:start] + value.group(1) + data[value.end():]
+    return encode(data)
+
+
 class _ChunkReader:
     """What relay and aggregation share: [DONE], events that are not JSON, error events."""
 
@@ -230,6 +258,10 @@ class StreamRelay(_ChunkReader):
 
     def relay(self, event: str, data: bytes) -> bytes | None:
         """The frame to send for one upstream event, or None when the client must not see it."""
+        if event == "message" and not self.done:
+            frame = _plain_chunk_frame(data)
+            if frame is not None:
+                return frame
         chunk = self._next_chunk(event, data)
         if chunk is None:
             return None

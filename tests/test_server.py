@@ -257,6 +257,15 @@ async def test_h1_chunked_stream_exact_bytes(connect, server, app):
     assert app.idle_writes == [False, True]
 
 
+async def test_h1_0_client_gets_a_close_delimited_stream(connect, server, app):
+    reader, writer = await connect()
+    writer.write(b"GET /stream?2 HTTP/1.0\r\n\r\n")
+    raw = await read_to_eof(reader)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" not in head.lower()
+    assert body == b": ka\nchunk 0\nchunk 1\n"
+
+
 async def test_h1_expect_100_continue(connect, server):
     reader, writer = await connect()
     writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")

@@ -199,6 +199,36 @@ def test_relay_float_created_becomes_int():
     assert out == {**json.loads(data), "created": 1732700000}
 
 
+PLAIN = b'{"id":"c1","object":"chat.completion.chunk","created":%s,"model":"m","choices":[%s]}'
+TEXT_CHOICE = b'{"index":0,"delta":{"content":"say \\"created\\":2.5, \\"error\\""}}'
+
+
+@pytest.mark.parametrize("data, created", [
+    (PLAIN % (b"1732700000.987", TEXT_CHOICE), 1732700000),    # SambaNova's float, cut in place
+    (PLAIN % (b"1732700000", TEXT_CHOICE), 1732700000),        # already an int
+    (PLAIN % (b"1.7327e9", b""), 1732700000),                  # exponent: full parse
+    (PLAIN.replace(b'"created":%s', b'"created": %s') % (b"5.5", b""), 5),  # spaced: full parse
+    (PLAIN % (b"7.25", b'{"index":0,"delta":{},"x":{"created":3.5}}'), 7),  # nested key: full parse
+])
+def test_relay_judges_plain_chunks_from_their_bytes_like_the_full_parse(data, created):
+    out = sent(StreamRelay(False).relay("message", data))
+    assert out == {**json.loads(data), "created": created} and type(out["created"]) is int
+
+
+def test_relay_error_beside_a_choices_list_still_raises():
+    data = b'{"id":"c1","created":1.5,"choices":[],"error":{"message":"boom","code":"overloaded"}}'
+    with pytest.raises(UpstreamStreamError) as info:
+        StreamRelay(True).relay("message", data)
+    assert info.value.error["message"] == "boom" and info.value.error["code"] == "overloaded"
+
+
+def test_relay_forwards_sambanova_chunks_without_parsing_them(monkeypatch):
+    data = PLAIN % (b"1732700000.5", TEXT_CHOICE)
+    monkeypatch.setattr(sse.json, "loads", lambda raw: pytest.fail("parsed a plain chunk"))
+    frame = StreamRelay(False).relay("message", data)
+    assert frame == b"data: " + data.replace(b"1732700000.5", b"1732700000") + b"\n\n"
+
+
 @pytest.mark.parametrize("fields", [{}, {"choices": None}, {"choices": {"index": 0}}],
                          ids=["missing", "null", "object"])
 def test_relay_adds_choices_list(fields):
