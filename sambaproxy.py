@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import http.cookiejar
 import json
 import logging
 import os
@@ -393,12 +392,31 @@ def _stream_failure(exc: httpx.HTTPError) -> bytes:
                                     code="upstream_disconnected"))
 
 
+class _NoCookies(httpx.Cookies):
+    """An always empty jar: every request passes its cookies explicitly."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        """Keep nothing (and skip httpx's urllib-based parsing on every response)."""
+
+
+class OutboundClient(httpx.AsyncClient):
+    """httpx's client without a shared cookie jar, so no cookie leaks from one route to another."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, value) -> None:
+        """Ignored: the jar stays empty."""
+
+
 def _make_client(config: Config) -> httpx.AsyncClient:
-    """The one outbound client: HTTP/2, bounded pool, no cookie jar (cookies are passed explicitly)."""
-    no_cookies = http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    return httpx.AsyncClient(
+    """The one outbound client: HTTP/2, bounded pool, no cookie jar."""
+    return OutboundClient(
         http2=True,
-        cookies=no_cookies,
         limits=httpx.Limits(max_connections=config.upstream_max_connections,
                             max_keepalive_connections=config.upstream_max_connections),
         timeout=httpx.Timeout(connect=config.upstream_connect_timeout,

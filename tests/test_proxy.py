@@ -451,6 +451,7 @@ async def test_rate_limited_account_falls_back_to_the_key_route(fake, start_prox
     completion = await sdk(app).chat.completions.create(**HELLO)
     assert completion.choices[0].message.content == "Echo: hello"
     assert [c["path"] for c in fake.completions] == ["/api/completion", "/v1/chat/completions"]
+    assert "cookie" not in fake.completions[-1]["headers"], "the login's cookie leaked to the key route"
     info = (await httpx.AsyncClient().get(f"{app.url}/info")).json()
     assert info["routes"]["account"]["healthy"] is False and info["routes"]["api_key"]["healthy"] is True
 
