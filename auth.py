@@ -24,6 +24,7 @@ GRANT_TYPE = "http://auth0.com/oauth/grant-type/password-realm"
 AUTH0_CLIENT = base64.urlsafe_b64encode(
     json.dumps({"name": "auth0.js", "version": "9.28.0"}).encode()).decode().rstrip("=")
 MAX_REDIRECTS = 10            # bound on the callback's redirect chain
+LOGIN_STEP_TIMEOUT = 30.0     # seconds, the most any one login request may take
 # RFC 9110 §15.4: the redirect statuses that carry a Location.
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
@@ -163,12 +164,19 @@ async def _follow_callback(client: httpx.AsyncClient, url: httpx.URL, nonce: str
     return token
 
 
+def _login_timeouts(client: httpx.AsyncClient) -> dict[str, float | None]:
+    """The client's timeouts, capped for login steps; the login itself is never cancelled from
+    outside, since a task cancelled mid-write would break a shared HTTP/2 connection."""
+    return {name: min(value or LOGIN_STEP_TIMEOUT, LOGIN_STEP_TIMEOUT)
+            for name, value in client.timeout.as_dict().items()}
+
+
 async def _fetch(client: httpx.AsyncClient, method: str, url: str | httpx.URL, *,
                  read_body: bool = True, **kwargs) -> httpx.Response:
     """Send one request with no redirects and no shared cookies, mapping transport errors to LoginError."""
     try:
         # httpx.Request (not client.build_request) so the shared jar's cookies are not merged in.
-        request = httpx.Request(method, url, extensions={"timeout": client.timeout.as_dict()}, **kwargs)
+        request = httpx.Request(method, url, extensions={"timeout": _login_timeouts(client)}, **kwargs)
     except (httpx.InvalidURL, TypeError, ValueError):
         raise LoginError(f"invalid login URL {_safe_url(url)}") from None
     where = _safe_url(request.url)

@@ -88,7 +88,7 @@ class TokenManager:
                  clock: Callable[[], float] = time.time, login: LoginFunc = login,
                  backoff_min: float = 2.0, backoff_max: float = 600.0,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                 rand: Callable[[], float] = random.random, login_timeout: float = 120.0) -> None:
+                 rand: Callable[[], float] = random.random) -> None:
         self._client = client
         self._email = email or None
         self._password = password or None
@@ -103,7 +103,6 @@ class TokenManager:
         self._backoff_max = max(backoff_min, backoff_max)
         self._sleep = sleep
         self._rand = rand
-        self._login_timeout = login_timeout
         self._token: str | None = None
         self._expires_at = 0.0
         self._obtained_at = 0.0
@@ -239,9 +238,9 @@ class TokenManager:
         valid = self._valid_token() is not None
         log.info("%s SambaNova token", "refreshing the" if valid else "logging in for a")
         try:
-            token = await asyncio.wait_for(
-                self._login(self._client, self._config_url, self._email, self._password),
-                self._login_timeout)
+            # No outer timeout: each login step has its own (a cancelled write would
+            # break a shared HTTP/2 connection).
+            token = await self._login(self._client, self._config_url, self._email, self._password)
             if not _plausible_token(token):
                 raise LoginError("login failed: the access_token is not a usable cookie value")
             now = self._clock()
@@ -250,9 +249,6 @@ class TokenManager:
                 raise LoginError("login failed: the new token is already expired")
         except LoginError as exc:
             self._record_failure(str(exc), exc.retry_after)
-            return None
-        except asyncio.TimeoutError:
-            self._record_failure(f"login timed out after {self._login_timeout:g}s", None)
             return None
         except Exception as exc:  # a bug or an unexpected library error: back off, keep serving
             self._record_failure(f"login failed: {type(exc).__name__}", None)

@@ -288,3 +288,19 @@ async def test_unreachable_upstream(client):
     await fake.stop()                      # nothing listens on that port any more
     with pytest.raises(LoginError, match=r"^could not reach http://127\.0\.0\.1:\d+: ConnectError$"):
         await asyncio.wait_for(login(client, f"{url}/api/config", EMAIL, PASSWORD), 5.0)
+
+
+async def test_every_login_step_has_a_bounded_timeout_of_its_own():
+    seen = []
+
+    def handler(request):
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(500)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(handler),
+                               timeout=httpx.Timeout(600.0, connect=5.0))
+    with pytest.raises(LoginError):
+        await login(client, "https://cloud.example/api/config", "a@b.c", "pw")
+    assert seen == [{"connect": 5.0, "read": auth.LOGIN_STEP_TIMEOUT, "write": auth.LOGIN_STEP_TIMEOUT,
+                     "pool": auth.LOGIN_STEP_TIMEOUT}]
+    await client.aclose()
