@@ -321,16 +321,15 @@ async def cancel_http2_stream(response: httpx.Response) -> bool:
     if stream is None:
         return False
     connection, stream_id = stream._connection, stream._stream_id
-    events = connection._events.get(stream_id)
-    if events is None:
-        return False
     try:
         connection._h2_state.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
     except h2.exceptions.ProtocolError:
-        return False
-    events.append(h2.events.StreamReset(stream_id=stream_id, error_code=h2.errors.ErrorCodes.CANCEL,
-                                        remote_reset=False))
-    connection._h2_state.ping(os.urandom(8))
+        return False  # the stream has ended already
+    events = connection._events.get(stream_id)
+    if events is not None:  # a reader may still wait on this stream: give it an event, and a PING ACK to wake it
+        events.append(h2.events.StreamReset(stream_id=stream_id, error_code=h2.errors.ErrorCodes.CANCEL,
+                                            remote_reset=False))
+        connection._h2_state.ping(os.urandom(8))
     try:
         await connection._write_outgoing_data(stream._request)
     except Exception as exc:  # the connection is already failing; its reader will see it too

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 
 import httpx
 import openai
+import pytest
 
-from server import Server
+from config import Config
+from sambaproxy import _make_client
+from server import ClientGone, Server
+from upstream import cancel_http2_stream
 
 WAIT = 5.0
 
@@ -35,6 +40,12 @@ class H2Upstream:
         await responder.write(chunk("first "))
         if prompt == "stall":
             await gone.wait()
+        if prompt == "endless":
+            with contextlib.suppress(ClientGone):
+                while not responder.gone:
+                    await responder.write(chunk("more "))
+                    await asyncio.sleep(0.02)  # the pace of generation, not synchronisation
+        if prompt in ("stall", "endless"):
             self.resets += 1
             self.reset_seen.set()
             return
@@ -53,8 +64,9 @@ async def start_upstream(certificate):
     return upstream, server
 
 
+@pytest.mark.parametrize("prompt", ["stall", "endless"])
 async def test_departed_client_resets_its_http2_stream_and_the_connection_survives(
-        start_proxy, certificate, monkeypatch):
+        start_proxy, certificate, monkeypatch, prompt):
     monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
     upstream, server = await start_upstream(certificate)
     try:
@@ -66,7 +78,7 @@ async def test_departed_client_resets_its_http2_stream_and_the_connection_surviv
 
         async with httpx.AsyncClient(timeout=WAIT) as client:
             url = f"{app.url}/v1/chat/completions"
-            async with client.stream("POST", url, json=body("stall")) as r:
+            async with client.stream("POST", url, json=body(prompt)) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):
                         break
@@ -94,3 +106,20 @@ async def test_proxy_serves_https_with_h2_and_http11_by_alpn(fake, start_proxy, 
     stream = await sdk.chat.completions.create(model="DeepSeek-R1", stream=True,
                                                messages=[{"role": "user", "content": "tls"}])
     assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "Echo: tls"
+
+
+async def test_reset_reaches_upstream_even_after_httpx_closed_the_response(certificate, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
+    upstream, server = await start_upstream(certificate)
+    client = _make_client(Config())
+    try:
+        payload = {"body": {"messages": [{"role": "user", "content": "endless"}]}}
+        request = client.build_request("POST", f"https://127.0.0.1:{server.port}/", json=payload)
+        response = await client.send(request, stream=True)
+        assert response.http_version == "HTTP/2"
+        await response.aclose()  # httpcore forgets the stream without telling upstream
+        assert await cancel_http2_stream(response)
+        await asyncio.wait_for(upstream.reset_seen.wait(), WAIT)
+    finally:
+        await client.aclose()
+        await server.shutdown(1.0)
