@@ -27,7 +27,7 @@ from sse import (KEEPALIVE, CompletionAggregator, RequestError, SSEDecoder, Stre
                  wants_usage)
 from tokens import TokenManager
 from upstream import (AccountRoute, ApiKeyRoute, ModelCatalog, ProxyError, Upstream,
-                      cancel_http2_stream)
+                      cancel_http2_stream, make_client)
 
 __version__ = "0.1.0"
 
@@ -100,7 +100,7 @@ class App:
         self.started_at = time.time()
         self.counters = Counters()
         self.keys = tuple(key.encode() for key in config.local_api_key)
-        self.client = _make_client(config)
+        self.client = make_client(config)
         self.tokens = TokenManager(
             self.client, email=config.samba_email, password=config.samba_password,
             env_token=config.samba_access_token, config_url=config.samba_config_url,
@@ -390,39 +390,6 @@ def _stream_failure(exc: httpx.HTTPError) -> bytes:
     log.warning("upstream stream failed: %s", type(exc).__name__)
     return error_frame(openai_error(f"SambaNova connection lost mid-stream ({type(exc).__name__})",
                                     code="upstream_disconnected"))
-
-
-class _NoCookies(httpx.Cookies):
-    """An always empty jar: every request passes its cookies explicitly."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        """Keep nothing (and skip httpx's urllib-based parsing on every response)."""
-
-
-class OutboundClient(httpx.AsyncClient):
-    """httpx's client without a shared cookie jar, so no cookie leaks from one route to another."""
-
-    _no_cookies = _NoCookies()
-
-    @property
-    def cookies(self) -> httpx.Cookies:
-        return self._no_cookies
-
-    @cookies.setter
-    def cookies(self, value) -> None:
-        """Ignored: the jar stays empty."""
-
-
-def _make_client(config: Config) -> httpx.AsyncClient:
-    """The one outbound client: HTTP/2, bounded pool, no cookie jar."""
-    return OutboundClient(
-        http2=True,
-        limits=httpx.Limits(max_connections=config.upstream_max_connections,
-                            max_keepalive_connections=config.upstream_max_connections),
-        timeout=httpx.Timeout(connect=config.upstream_connect_timeout,
-                              read=config.upstream_read_timeout, write=config.upstream_read_timeout,
-                              pool=config.upstream_read_timeout),
-    )
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:

@@ -20,6 +20,7 @@ import h2.exceptions
 import httpcore
 import httpx
 
+from config import Config
 from sse import api_payload, new_fingerprint, samba_payload
 from tokens import TokenManager, TokenUnavailable
 
@@ -42,6 +43,39 @@ KNOWN_MODELS = (
     "Meta-Llama-3.1-8B-Instruct",
     "Llama-4-Maverick-17B-128E-Instruct",
 )
+
+
+class _NoCookies(httpx.Cookies):
+    """An always empty jar: every request passes its cookies explicitly."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        """Keep nothing (and skip httpx's urllib-based parsing on every response)."""
+
+
+class OutboundClient(httpx.AsyncClient):
+    """httpx's client without a shared cookie jar, so no cookie leaks from one route to another."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, value) -> None:
+        """Ignored: the jar stays empty."""
+
+
+def make_client(config: Config) -> httpx.AsyncClient:
+    """The one outbound client: HTTP/2, bounded pool, no cookie jar."""
+    return OutboundClient(
+        http2=True,
+        limits=httpx.Limits(max_connections=config.upstream_max_connections,
+                            max_keepalive_connections=config.upstream_max_connections),
+        timeout=httpx.Timeout(connect=config.upstream_connect_timeout,
+                              read=config.upstream_read_timeout, write=config.upstream_read_timeout,
+                              pool=config.upstream_read_timeout),
+    )
 
 
 class ProxyError(Exception):

@@ -42,7 +42,7 @@ import httpx  # noqa: E402
 
 from auth import login  # noqa: E402
 from config import SETTING_NAMES, Config  # noqa: E402
-from sambaproxy import _make_client  # noqa: E402
+from upstream import make_client  # noqa: E402
 from upstream import AccountRoute  # noqa: E402
 
 PY, PROXY, FAKE = sys.executable, str(ROOT / "sambaproxy.py"), str(ROOT / "tests" / "fake_samba.py")
@@ -157,7 +157,7 @@ async def h11_load(port: int, body: bytes, n: int, c: int) -> float:
 async def floor_child(fake: str, c: int) -> None:
     """The floor: the proxy's client and upstream request, straight to the fake; answers each
     `words requests` line on stdin with its CPU seconds a request, after a warm-up."""
-    client = _make_client(Config())
+    client = make_client(Config())
     token = await login(client, f"{fake}/api/config", EMAIL, PASSWORD)
     route = AccountRoute(f"{fake}/api/completion", None, MODEL, "anon_")
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from config import Config
-from sambaproxy import _make_client
+from upstream import make_client
 from server import ClientGone, Server
 from upstream import cancel_http2_stream
 
@@ -111,7 +111,7 @@ async def test_proxy_serves_https_with_h2_and_http11_by_alpn(fake, start_proxy, 
 async def test_reset_reaches_upstream_even_after_httpx_closed_the_response(certificate, monkeypatch):
     monkeypatch.setenv("SSL_CERT_FILE", certificate[0])
     upstream, server = await start_upstream(certificate)
-    client = _make_client(Config())
+    client = make_client(Config())
     try:
         payload = {"body": {"messages": [{"role": "user", "content": "endless"}]}}
         request = client.build_request("POST", f"https://127.0.0.1:{server.port}/", json=payload)
