@@ -17,6 +17,7 @@ import signal
 import ssl
 import sys
 import time
+import urllib.parse
 
 import httpx
 
@@ -27,7 +28,7 @@ from sse import (KEEPALIVE, CompletionAggregator, RequestError, SSEDecoder, Stre
                  wants_usage)
 from tokens import TokenManager
 from upstream import (AccountRoute, ApiKeyRoute, ModelCatalog, ProxyError, Upstream,
-                      cancel_http2_stream, make_client)
+                      make_client, stop_upstream)
 
 __version__ = "0.1.0"
 
@@ -233,17 +234,18 @@ class App:
         except RequestError as exc:
             raise ProxyError(400, exc.message, "invalid_request_error", "invalid_request",
                              param=exc.param) from None
-        exchange = _Exchange(self)
-        responder.on_gone(exchange.client_left)
         response = await self.upstream.open(body, lambda: responder.gone)
-        exchange.response = response
+        # A departed client stops its upstream answer at once; the reading task
+        # (this one) is never cancelled, as a task cancelled mid-write over TLS
+        # breaks a shared HTTP/2 connection for every request on it.
+        responder.on_gone(lambda: self.spawn(stop_upstream(response)))
         try:
             if responder.gone:
                 return
             if wants_stream(body):
                 await self._relay_stream(response, responder, wants_usage(body))
             else:
-                await self._relay_whole(response, responder)
+                await self._relay_whole(response, responder, body.get("model") or self.config.default_model)
         finally:
             await response.aclose()
 
@@ -254,18 +256,22 @@ class App:
         decoder = SSEDecoder()
         await responder.start(200, SSE_HEADERS)
         keepalive = KeepAlive(responder, self.config.sse_keepalive)
+        frames: list[bytes] = []
         try:
             async for raw in response.aiter_bytes():
                 keepalive.touch()
-                frames = [f for e, d in decoder.feed(raw) if (f := relay.relay(e, d)) is not None]
+                for event, data in decoder.feed(raw):
+                    if (frame := relay.relay(event, data)) is not None:
+                        frames.append(frame)
                 if frames:
                     await responder.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                    frames.clear()
                 if responder.gone:
                     return
             tail = relay.finish() if relay.done else error_frame(openai_error(
                 "SambaNova ended the stream before [DONE]", "upstream_error", code="upstream_incomplete"))
         except UpstreamStreamError as exc:
-            tail = error_frame(exc.error)
+            tail = b"".join(frames) + error_frame(exc.error)  # the events before the error still count
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
@@ -275,9 +281,9 @@ class App:
         await responder.write(tail)
         await responder.end()
 
-    async def _relay_whole(self, response: httpx.Response, responder: Responder) -> None:
+    async def _relay_whole(self, response: httpx.Response, responder: Responder, model: str) -> None:
         """Aggregate the upstream events into one chat.completion object."""
-        aggregator = CompletionAggregator()
+        aggregator = CompletionAggregator(model)
         decoder = SSEDecoder()
         try:
             async for raw in response.aiter_bytes():
@@ -306,7 +312,7 @@ class App:
         await responder.send(200, JSON_HEADERS, _json({"object": "list", "data": models}))
 
     async def get_model(self, request: Request, responder: Responder) -> None:
-        model_id = request.path.split("/models/", 1)[1]
+        model_id = urllib.parse.unquote(request.path.split("/models/", 1)[1])
         for model in await self.catalog.models():
             if model["id"] == model_id:
                 return await responder.send(200, JSON_HEADERS, _json(model))
@@ -357,29 +363,6 @@ class App:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-class _Exchange:
-    """Links a client to its upstream answer so a departed client stops upstream at once."""
-
-    __slots__ = ("app", "response")
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.response: httpx.Response | None = None
-
-    def client_left(self) -> None:
-        # The reading task is never cancelled: a task cancelled mid-write over TLS
-        # breaks a shared HTTP/2 connection for every request on it. Instead an
-        # HTTP/1.1 upstream response is closed (closing its connection ends the
-        # read at once) and an HTTP/2 stream is reset.
-        response = self.response
-        if response is None:
-            return
-        if response.http_version == "HTTP/2":
-            self.app.spawn(cancel_http2_stream(response))
-        else:
-            self.app.spawn(response.aclose())
 
 
 def _stream_failure(exc: httpx.HTTPError) -> bytes:

@@ -341,6 +341,14 @@ class ModelCatalog:
         return [self._normalise({"id": model_id}) for model_id in KNOWN_MODELS]
 
 
+async def stop_upstream(response: httpx.Response) -> None:
+    """Stop the upstream work behind an answer whose client has gone, without cancelling its reader."""
+    if response.http_version == "HTTP/2":
+        await cancel_http2_stream(response)
+    else:
+        await response.aclose()  # closing an HTTP/1.1 answer closes its connection: the read ends at once
+
+
 async def cancel_http2_stream(response: httpx.Response) -> bool:
     """Tell an HTTP/2 upstream that an answer is abandoned, and wake the task reading it.
 

@@ -270,6 +270,19 @@ async def test_upstream_dropping_mid_stream_ends_with_an_error_event(proxy, fake
     assert json.loads(data[-1])["error"]["code"] == "upstream_disconnected"
 
 
+async def test_events_before_an_error_in_the_same_read_still_reach_the_client(proxy, fake):
+    first = {"id": "c", "object": "chat.completion.chunk", "created": 1.5, "model": MODEL,
+             "choices": [{"index": 0, "delta": {"content": "partial"}, "finish_reason": None}]}
+    raw = f"data: {json.dumps(first)}\n\ndata: {json.dumps({'error': {'message': 'boom'}})}\n\n"
+    fake.script.append(Reply(chunks=[raw], done=False))
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(f"{proxy.url}/v1/chat/completions", headers=AUTH,
+                              json={**HELLO, "stream": True})
+    data = [json.loads(d) for d in sse_data(r.text)]
+    assert data[0]["choices"][0]["delta"]["content"] == "partial"
+    assert data[-1]["error"]["message"] == "boom" and len(data) == 2
+
+
 async def test_upstream_error_event_is_forwarded_and_sdk_raises(proxy, fake):
     fake.script.append(Reply(error_event_after=1))
     with pytest.raises(openai.APIError):
