@@ -31,7 +31,8 @@ from h2.exceptions import ProtocolError
 log = logging.getLogger("sambaproxy.server")
 
 LINGER_TIMEOUT = 2.0  # seconds a rejected HTTP/1.1 client may keep sending before we close
-JSON = [("content-type", "application/json")]
+# The server's own error answers (400, 413, 500) are readable by browser clients too.
+JSON = [("content-type", "application/json"), ("access-control-allow-origin", "*")]
 # Fields the drivers own: they frame the body themselves and add Date.
 _DRIVER_FIELDS = frozenset({"content-length", "transfer-encoding", "date"})
 # RFC 9113 §8.2.2: connection-specific fields make an HTTP/2 message malformed.

@@ -179,6 +179,7 @@ async def test_body_over_limit_is_413(fake, start_proxy):
     async with httpx.AsyncClient(timeout=10) as client:
         r = await client.post(f"{app.url}/v1/chat/completions", headers=AUTH, json=big)
     assert r.status_code == 413 and "error" in r.json()
+    assert r.headers["access-control-allow-origin"] == "*"
     assert not fake.completions
 
 
