@@ -150,7 +150,8 @@ class App:
     async def start(self) -> None:
         """Listen at once; the login runs in the background."""
         await self.server.start(self.config.host, self.config.port)
-        await self.tokens.start()
+        if self.account_route:
+            await self.tokens.start()
         if not self.keys:
             log.warning("LOCAL_API_KEY is not set: any client can use this proxy")
         if not self.upstream.routes:
