@@ -1,7 +1,8 @@
 """Inbound HTTP server: accepts sockets, picks HTTP/1.1 or HTTP/2, runs one task per request.
 
-The protocol work lives in http_drivers.py; this module owns sockets, timeouts and shutdown,
-and re-exports the Request/Responder vocabulary the app codes against.
+The protocol work lives in http1.py (h11) and http2.py (h2); this module owns sockets, timeouts
+and shutdown, and re-exports the Request/Responder vocabulary of http_common.py the app codes
+against.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import time
 from email.utils import formatdate
 from typing import Callable
 
-from http_drivers import (  # noqa: F401  (Request, Responder, Handler: re-exported for the app)
+from http1 import H11Driver
+from http2 import H2Driver
+from http_common import (  # noqa: F401  (Request, Responder, Handler: re-exported for the app)
     JSON,
     ClientGone,
-    H2Driver,
-    H11Driver,
     Handler,
     Request,
     Responder,

@@ -1,0 +1,258 @@
+"""The HTTP/1.1 driver: moves bytes between one connection and h11, one request at a time.
+
+server.py owns the socket; the driver gets a connection object with `transport`, `server`,
+`paused`, `drain()`, `touch()` and `close_later()`, and calls back `server.run(request, responder)`
+for each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+import h11
+
+from http_common import (BODILESS, DRIVER_FIELDS, JSON, ClientGone, Request, Responder,
+                         clean_headers, header_dict)
+
+if TYPE_CHECKING:
+    from server import Connection
+
+log = logging.getLogger("sambaproxy.server")
+
+LINGER_TIMEOUT = 2.0  # seconds a rejected HTTP/1.1 client may keep sending before we close
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+class H11Responder(Responder):
+    """HTTP/1.1 response: Content-Length for send(), framing chosen by h11 for start()."""
+
+    __slots__ = ("_driver", "_chunked")
+
+    def __init__(self, driver: H11Driver, head: bool) -> None:
+        super().__init__(head)
+        self._driver = driver
+        self._chunked = False
+
+    async def send(self, status, headers, body):
+        if not self._begin(status):
+            return
+        d = self._driver
+        length = None if status in BODILESS else len(body)
+        out = d.h11.send(h11.Response(status_code=status, headers=d.fields(headers, length),
+                                       reason=_REASONS.get(status, b"")))
+        if body and not self._no_body:
+            out += d.h11.send(h11.Data(data=body))
+        out += d.h11.send(h11.EndOfMessage())
+        self.ended = True
+        d.transport.write(out)
+        if d.conn.paused:
+            await d.conn.drain()
+
+    async def start(self, status, headers):
+        if self._begin(status):
+            d = self._driver
+            response = h11.Response(status_code=status, headers=d.fields(headers, None),
+                                    reason=_REASONS.get(status, b""))
+            head = d.h11.send(response)
+            self._chunked = b"transfer-encoding: chunked\r\n" in head.lower()
+            d.transport.write(head)
+
+    def _frame(self, data: bytes) -> bytes:
+        """Body bytes on the wire, in the framing h11 chose for this response."""
+        # h11's chunked writer keeps no state between chunks, so once h11 has chosen
+        # chunked framing (RFC 9112 §7.1) a chunk can be framed here at a fraction of
+        # the cost of h11.send(Data) on this per-event path; h11 still writes the last chunk.
+        if self._chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return self._driver.h11.send(h11.Data(data=data))
+
+    async def write(self, data):
+        self._check_open()
+        if data and not self._no_body:
+            d = self._driver
+            d.transport.write(self._frame(data))
+            if d.conn.paused:
+                self._pending = True
+                try:
+                    await d.conn.drain()
+                finally:
+                    self._pending = False
+                if self.gone:
+                    raise ClientGone()
+
+    def write_if_idle(self, data):
+        d = self._driver
+        if self._pending or not self.started or self.ended or self.gone or d.conn.paused:
+            return False
+        if data and not self._no_body:
+            d.transport.write(self._frame(data))
+        return True
+
+    async def end(self):
+        if not self.ended and not self.gone:
+            self.ended = True
+            self._driver.transport.write(self._driver.h11.send(h11.EndOfMessage()))
+
+    def _abort(self):
+        # RFC 9112 §8: closing before the last chunk tells the client the message is incomplete.
+        self.ended = True
+        self._driver.transport.close()
+
+    def _finished(self):
+        self._driver.cycle_done()
+
+
+class H11Driver:
+    """Moves bytes between one connection and h11, one request at a time."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.server = conn.server
+        self.transport = conn.transport
+        self.h11 = h11.Connection(h11.SERVER)
+        self.task: asyncio.Task | None = None
+        self.responder: H11Responder | None = None
+        self.lingering = False
+        self._event: h11.Request | None = None
+        self._headers: dict[str, str] = {}
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def idle(self) -> bool:
+        """True when no handler runs."""
+        return self.task is None
+
+    def tasks(self) -> list[asyncio.Task]:
+        """The running handler task, if any."""
+        return [self.task] if self.task else []
+
+    def data_received(self, data: bytes) -> None:
+        """Feed h11; parse now unless a handler runs (RFC 9112 §9.3.2: pipelined requests wait their turn)."""
+        if self.lingering:
+            return
+        self.h11.receive_data(data)
+        if self.task is None:
+            self.process()
+        else:
+            self.transport.pause_reading()  # resumed when this request's cycle is done
+
+    def connection_lost(self) -> None:
+        """A client that leaves while its request is handled is gone."""
+        if self.responder is not None:
+            self.responder._client_left()
+
+    def process(self) -> None:
+        """Read h11 events until a whole request is in, then start its handler."""
+        try:
+            while not self.lingering:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA or event is h11.PAUSED:
+                    return
+                if isinstance(event, h11.Request):
+                    self._request_started(event)
+                elif isinstance(event, h11.Data):
+                    self._body_received(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    self._dispatch()
+                    return
+                elif isinstance(event, h11.ConnectionClosed):
+                    self.transport.close()
+                    return
+        except h11.RemoteProtocolError as exc:
+            status = exc.error_status_hint
+            reason = "Request header fields too large" if status == 431 else "Malformed HTTP request"
+            self.reject(status, reason, "bad_request")
+
+    def _request_started(self, event: h11.Request) -> None:
+        """Check the declared size and answer Expect: 100-continue (RFC 9110 §10.1.1)."""
+        self._event = event
+        self._headers = header_dict(event.headers)
+        self._chunks = []
+        self._size = 0
+        length = self._headers.get("content-length")
+        if length is not None and int(length) > self.server.max_body_bytes:
+            self.reject(413, "Request body too large", "request_too_large")
+        elif self.h11.they_are_waiting_for_100_continue:
+            interim = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            self.transport.write(self.h11.send(interim))
+
+    def _body_received(self, data: bytes) -> None:
+        """Collect body bytes, refusing a body that grows past the limit."""
+        self._size += len(data)
+        if self._size > self.server.max_body_bytes:
+            self.reject(413, "Request body too large", "request_too_large")
+        else:
+            self._chunks.append(data)
+
+    def _dispatch(self) -> None:
+        """Start the handler task for the request just read."""
+        event = self._event
+        method = event.method.decode("ascii")
+        path, _, query = event.target.decode("latin-1").partition("?")
+        body = b"".join(self._chunks)
+        request = Request(method, path, query, self._headers, body, event.http_version.decode("ascii"))
+        self._event, self._chunks = None, []
+        self.responder = H11Responder(self, method == "HEAD")
+        self.task = self.server.loop.create_task(self.server.run(request, self.responder))
+
+    def cycle_done(self) -> None:
+        """Let h11's state decide between keep-alive and close (RFC 9112 §9.3)."""
+        self.task = self.responder = None
+        self.conn.touch()
+        h = self.h11
+        if self.transport.is_closing():
+            return
+        if self.server.closing or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            self.transport.close()  # MUST_CLOSE, ERROR, or shutting down
+            return
+        h.start_next_cycle()
+        self.transport.resume_reading()
+        if h.trailing_data[0]:  # a pipelined request is already buffered
+            self.process()
+
+    def fields(self, headers: list[tuple[str, str]], length: int | None) -> list[tuple[str, str]]:
+        """Response header fields: the handler's, then Date, Content-Length, Connection."""
+        out = clean_headers(headers, DRIVER_FIELDS)
+        out.append(("date", self.server.date()))
+        if length is not None:
+            out.append(("content-length", str(length)))
+        if self.server.closing:
+            out.append(("connection", "close"))  # RFC 9112 §9.6: tell the client we will close
+        return out
+
+    def reject(self, status: int, message: str, code: str) -> None:
+        """Answer an error while a response can still start, then close in stages."""
+        h = self.h11
+        if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            body = self.server.error_body(status, message, "invalid_request_error", code)
+            fields = [*JSON, ("content-length", str(len(body))), ("connection", "close")]
+            try:
+                out = h.send(h11.Response(status_code=status, headers=fields, reason=_REASONS[status]))
+                out += h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
+                self.transport.write(out)
+            except h11.LocalProtocolError:
+                log.debug("could not send %d", status)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Half-close and discard input for a while, so the client reads our answer (RFC 9112 §9.6)."""
+        self.lingering = True
+        t = self.transport
+        if t.can_write_eof():
+            t.write_eof()
+            t.resume_reading()
+            self.conn.close_later(LINGER_TIMEOUT)
+        else:
+            t.close()
+
+    def shutdown(self) -> None:
+        """Close now if idle; a running request closes the connection when it ends."""
+        if self.task is None:
+            self.transport.close()
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.transport.close()

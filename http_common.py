@@ -1,0 +1,128 @@
+"""The request/response vocabulary both HTTP drivers share: Request, ClientGone, Responder, Handler.
+
+http1.py (h11) and http2.py (h2) subclass Responder and build Requests with the helpers here;
+server.py re-exports the vocabulary for the app.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+log = logging.getLogger("sambaproxy.server")
+
+# The server's own error answers (400, 413, 500) are readable by browser clients too.
+JSON = [("content-type", "application/json"), ("access-control-allow-origin", "*")]
+# Fields the drivers own: they frame the body themselves and add Date.
+DRIVER_FIELDS = frozenset({"content-length", "transfer-encoding", "date"})
+BODILESS = (204, 304)  # RFC 9110 §6.4.1: these responses never carry content
+
+@dataclass(slots=True)
+class Request:
+    """One HTTP request, the same for HTTP/1.1 and HTTP/2 (repr shows no headers, query or body)."""
+
+    method: str
+    path: str  # without the query string
+    query: str = field(default="", repr=False)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # lower-case names
+    body: bytes = field(default=b"", repr=False)
+    http_version: str = "1.1"  # "1.0", "1.1" or "2"
+
+
+class ClientGone(Exception):
+    """The client left (EOF, connection lost or RST_STREAM) before the response ended."""
+
+
+def header_dict(pairs) -> dict[str, str]:
+    """Decode header pairs into lower-case names, joining repeats (RFC 9110 §5.3, RFC 9113 §8.2.3)."""
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        name = name.decode("latin-1")
+        value = value.decode("latin-1")
+        if name in headers:
+            headers[name] += ("; " if name == "cookie" else ", ") + value
+        else:
+            headers[name] = value
+    return headers
+
+
+def clean_headers(headers: list[tuple[str, str]], drop: frozenset) -> list[tuple[str, str]]:
+    """Lower-case the handler's header names and drop the fields listed in `drop`."""
+    return [(name, value) for name, value in ((n.lower(), v) for n, v in headers) if name not in drop]
+
+
+class Responder:
+    """Sends one response; subclassed by the HTTP/1.1 and the HTTP/2 driver."""
+
+    __slots__ = ("started", "gone", "ended", "_callbacks", "_pending", "_head", "_no_body")
+
+    def __init__(self, head: bool) -> None:
+        self.started = self.gone = self.ended = self._pending = False
+        self._callbacks: list[Callable[[], None]] | None = None
+        self._head = head
+        self._no_body = head
+
+    def on_gone(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once if the client leaves before the response ends (at once if it has)."""
+        if self.gone:
+            if not self.ended:
+                callback()
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def _client_left(self) -> None:
+        """Mark the client gone and fire the on_gone callbacks, at most once."""
+        if self.gone:
+            return
+        self.gone = True
+        callbacks, self._callbacks = self._callbacks, None
+        if self.ended or not callbacks:
+            return
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("on_gone callback failed")
+
+    def _begin(self, status: int) -> bool:
+        """Note that a response starts; False when the client has already left."""
+        if self.started:
+            raise RuntimeError("response already started")
+        if self.gone:
+            return False
+        self.started = True
+        self._no_body = self._head or status in BODILESS
+        return True
+
+    def _check_open(self) -> None:
+        """Refuse body writes outside a started, unfinished response."""
+        if self.gone:
+            raise ClientGone()
+        if not self.started or self.ended:
+            raise RuntimeError("write() needs start() and no end() yet")
+
+    async def send(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Send a whole response; the driver adds content-length."""
+        raise NotImplementedError
+
+    async def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """Send the status and headers of a streamed response."""
+        raise NotImplementedError
+
+    async def write(self, data: bytes) -> None:
+        """Send part of a streamed body, waiting for backpressure; raises ClientGone."""
+        raise NotImplementedError
+
+    def write_if_idle(self, data: bytes) -> bool:
+        """Send `data` only if that needs no waiting (SSE keep-alive comments); True if sent."""
+        raise NotImplementedError
+
+    async def end(self) -> None:
+        """Finish a streamed response."""
+        raise NotImplementedError
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
