@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_FAKE_PORT ?= 8123
 
-.PHONY: run demo test bench docker-check clean
+.PHONY: run demo test bench bench-quick docker-check clean
 
 run: $(VENV)/.runtime
 	$(BIN)/python sambaproxy.py
@@ -16,8 +16,13 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.dev
+# The bench also measures the seed stack (FastAPI + Hypercorn), from requirements-bench.txt;
+# `make test` never installs it.
+bench: $(VENV)/.dev $(VENV)/.bench
 	$(BIN)/python tests/bench.py
+
+bench-quick: $(VENV)/.dev $(VENV)/.bench
+	$(BIN)/python tests/bench.py --quick
 
 docker-check:
 	../shared/tools/docker/check.sh .
@@ -31,6 +36,11 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	touch $@ $(VENV)/.runtime
+
+$(VENV)/.bench: requirements.txt requirements-bench.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-bench.txt
+	touch $@
 
 clean:
 	rm -rf $(VENV)

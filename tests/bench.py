@@ -1,15 +1,20 @@
 """Measure sambaproxy against the team's goals, with the bare httpx client as the floor.
 
-Run `make bench` (under 2 minutes) or `.venv/bin/python tests/bench.py --quick` (about 25 s).
-The fake SambaNova and the proxy run as separate processes on 127.0.0.1, driven from here by
-h2load (HTTP/1.1 keep-alive) if installed, else by a raw h11 client. The proxy's CPU time
-(utime+stime in /proc/PID/stat, before and after a run) is its alone; it has a core of its own,
-as in production, while the fake, h2load and this process share the others. The floor, a child
-process on that core, runs one httpx.AsyncClient made as the proxy makes its own: same upstream
-request straight to the fake, same concurrency, every byte read, just after each proxy run.
-proxy - floor = our share (server, validation, translation, relay), as medians of --repeat
-runs; "spread" = min..max of our share. CPU/event = (CPU of a long stream - CPU of a 4-event
-one) / extra events, so per-request costs cancel (the fake writes each event on its own).
+Run `make bench` (about 4 minutes) or `make bench-quick` (`tests/bench.py --quick`, about 40 s).
+Upstreams, the proxy and the seed stack run as separate processes on 127.0.0.1, driven from here
+by h2load (HTTP/1.1 keep-alive) if installed, else by a raw h11 client (tests/bench_load.py).
+Two upstreams: "h1 fake", the fake SambaNova (plain HTTP/1.1), and "h2 TLS", tests/bench_upstream.py
+(HTTPS with ALPN h2 like the real service, the same events; needs the openssl CLI for a throwaway
+certificate). The proxy's CPU time (utime+stime in /proc/PID/stat, before and after a run) is its
+alone; it has a core of its own, as in production, while upstream, h2load and this process share
+the others. The floor, a child process on that core, runs one httpx.AsyncClient made as the proxy
+makes its own: same upstream request straight to upstream, same concurrency, every byte read, just
+after each proxy run. proxy - floor = our share (server, validation, translation, relay), as medians
+of --repeat runs; "spread" = min..max of our share. CPU/event = (CPU of a long stream - CPU of a
+4-event one) / extra events, so per-request costs cancel (upstream writes each event on its own).
+Seed stack: tests/bench_seed.py (FastAPI on Hypercorn, one httpx client; requirements-bench.txt),
+on the same core under the same load right after the proxy, for the goal "at least 2x the seed
+stack's throughput"; skipped with a note when fastapi or hypercorn cannot be imported.
 Latency: sequential requests by httpx from here, straight to the fake (floor column) vs through
 the proxy. Memory: VmRSS of a fresh logged-in proxy, then with --streams streams past their first
 event (HTTP/2 clients, 90 streams a connection; the fake speaks HTTP/1.1 only, so the proxy holds
@@ -19,11 +24,11 @@ an upstream connection a stream). Start-up: exec of `python sambaproxy.py` (no c
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import re
 import resource
-import select
 import shutil
 import signal
 import socket
@@ -34,188 +39,46 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import httpx
 
-import h11  # noqa: E402
-import httpx  # noqa: E402
-
-from auth import login  # noqa: E402
-from config import SETTING_NAMES, Config  # noqa: E402
-from upstream import make_client  # noqa: E402
+from bench_load import (CHAT_PATH, EMAIL, JSON_HEADERS, MODEL, PASSWORD, PROXY, PY, ROOT, WAIT, Scenario,
+                        chat_body, clean_env, cpu_and_rss, cpu_runs, fake_settings, free_port,
+                        make_certificate, spawn, start_fake, start_floor, start_h2_upstream, start_proxy,
+                        start_seed, stop)
+from auth import login  # noqa: E402  (bench_load put the project on sys.path)
 from upstream import AccountRoute  # noqa: E402
 
-PY, PROXY, FAKE = sys.executable, str(ROOT / "sambaproxy.py"), str(ROOT / "tests" / "fake_samba.py")
-EMAIL, PASSWORD = "bench@example.com", "bench-password-not-secret"
-MODEL = "Meta-Llama-3.1-8B-Instruct"
-CHAT_PATH = "/v1/chat/completions"
-JSON_HEADERS = {"content-type": "application/json"}
-WAIT = 30.0  # seconds one step (a start, a run) may take before the bench gives up
 
-
-def chat_body(words: int, stream: bool) -> bytes:
-    """An OpenAI chat request with a `words`-word prompt: the fake echoes it, one chunk a word."""
-    return json.dumps({"model": MODEL, "stream": stream, "messages": [
-        {"role": "user", "content": " ".join(["w"] * words)}]}).encode()
-
-
-def spawn(args, procs: list, argv: list[str], env: dict | None = None, cpus: set | None = None):
-    """Start a child (on `cpus`) logging to a file of the work directory; `procs` keeps it to stop it."""
-    log = Path(args.workdir, f"child-{len(procs)}.log")
-    with open(log, "wb") as out:
-        procs.append(subprocess.Popen(argv, cwd=args.workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                      preexec_fn=cpus and (lambda: os.sched_setaffinity(0, cpus))))
-    return procs[-1], log
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (the graceful stop), SIGKILL if that takes over 10 s."""
-    proc.terminate()
+def scenario_phase(args, procs: list, scenario: Scenario) -> dict[str, list]:
+    """CPU runs of the proxy (and the seed stack) against one upstream, with its floor."""
+    servers = {"proxy": start_proxy(args, procs, scenario.proxy_env)}
+    if args.seed:
+        servers["seed"] = start_seed(args, procs, scenario)
+    floor = start_floor(args, procs, scenario)
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        runs = cpu_runs(args, servers, floor)
+        if args.seed and re.search(rb"Traceback|seed answered", log := servers["seed"][0].log.read_bytes()):
+            raise SystemExit(f"the seed stack failed during the runs:\n{log.decode()[-2000:]}")
+        return runs
+    finally:
+        for proc in (floor, *(proc for proc, _ in servers.values())):
+            stop(proc)
+            procs.remove(proc)
 
 
-def wait_for_log(proc: subprocess.Popen, log: Path, pattern: bytes) -> re.Match:
-    """The first match of `pattern` in a child's log, waiting at most WAIT seconds."""
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline and proc.poll() is None:
-        if match := re.search(pattern, log.read_bytes()):
-            return match
-        time.sleep(0.01)
-    raise SystemExit(f"{log.name}: no {pattern!r}; log tail:\n{log.read_text()[-2000:]}")
+def fake_scenario(fake: str) -> Scenario:
+    """The fake as upstream: the proxy logs in itself; the floor and the seed get a token logged in here."""
+    async def token() -> str:
+        async with httpx.AsyncClient() as client:
+            return await login(client, f"{fake}/api/config", EMAIL, PASSWORD)
+    return Scenario("h1 fake", f"{fake}/api/completion", asyncio.run(token()), fake_settings(fake))
 
 
-def start_fake(args, procs: list, *flags: str) -> str:
-    argv = [PY, FAKE, "--port", "0", "--email", EMAIL, "--password", PASSWORD, *flags]
-    proc, log = spawn(args, procs, argv)
-    return wait_for_log(proc, log, rb"fake SambaNova on (http://\S+)")[1].decode()
-
-
-def clean_env(base: dict | None = None, **settings: str) -> dict[str, str]:
-    """`base` (this environment) without the user's proxy settings, plus `settings`."""
-    env = {k: v for k, v in (base or os.environ).items() if k not in SETTING_NAMES}
-    return env | {"HOST": "127.0.0.1", "TOKEN_CACHE_FILE": ""} | settings
-
-
-def start_proxy(args, procs: list, fake: str, **settings: str):
-    """A proxy wired to the fake and logged in, on a core of its own; returns (process, port)."""
-    env = clean_env(PORT="0", SAMBA_EMAIL=EMAIL, SAMBA_PASSWORD=PASSWORD,
-                    SAMBA_CONFIG_URL=f"{fake}/api/config", SAMBA_COMPLETION_URL=f"{fake}/api/completion",
-                    SAMBA_MODELS_URL=f"{fake}/v1/models", **settings)
-    proc, log = spawn(args, procs, [PY, PROXY], env, args.measured)
-    port = int(wait_for_log(proc, log, rb"listening on http://[\d.]+:(\d+)")[1])
-    wait_for_log(proc, log, rb"logged in to SambaNova")
-    return proc, port
-
-
-def cpu_and_rss(pid: int) -> tuple[float, float]:
-    """CPU seconds (utime+stime, every thread: /proc/PID/stat fields 14, 15) and VmRSS in MB."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    rss = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())[1]
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(rss) / 1024
-
-
-def drive(args, port: int, body: bytes, n: int) -> float:
-    """Requests/s of n POSTs of `body` to the proxy over --concurrency keep-alive connections."""
-    if args.client == "python":
-        return asyncio.run(asyncio.wait_for(h11_load(port, body, n, args.concurrency), 300))
-    Path(args.workdir, "body.json").write_bytes(body)
-    argv = ["h2load", "--h1", "-n", str(n), "-c", str(args.concurrency), "-m", "1", "-d", "body.json",
-            "-H", "content-type: application/json", f"http://127.0.0.1:{port}{CHAT_PATH}"]
-    out = subprocess.run(argv, cwd=args.workdir, capture_output=True, text=True, timeout=300).stdout
-    if f"status codes: {n} 2xx" not in out:
-        raise SystemExit("h2load: not every request succeeded:\n" + out)
-    return float(re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)[1])
-
-
-async def h11_load(port: int, body: bytes, n: int, c: int) -> float:
-    """The same by a raw h11 client, for machines without h2load."""
-    head = h11.Request(method="POST", target=CHAT_PATH, headers=[
-        ("host", "bench"), ("content-type", "application/json"), ("content-length", str(len(body)))])
-
-    async def worker(count: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        conn = h11.Connection(h11.CLIENT)
-        for _ in range(count):
-            writer.write(conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await reader.read(65536))
-                elif isinstance(event, h11.Response) and event.status_code != 200:
-                    raise SystemExit(f"the proxy answered {event.status_code}")
-            conn.start_next_cycle()
-        writer.close()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(n // c + (i < n % c)) for i in range(c)))
-    return n / (time.perf_counter() - start)
-
-
-async def floor_child(fake: str, c: int) -> None:
-    """The floor: the proxy's client and upstream request, straight to the fake; answers each
-    `words requests` line on stdin with its CPU seconds a request, after a warm-up."""
-    client = make_client(Config())
-    token = await login(client, f"{fake}/api/config", EMAIL, PASSWORD)
-    route = AccountRoute(f"{fake}/api/completion", None, MODEL, "anon_")
-
-    async def run(words: int, n: int) -> None:
-        headers, content = route.request_parts(json.loads(chat_body(words, True)), token)
-        for _ in range(n):
-            request = client.build_request("POST", route.url, headers=headers, content=content)
-            response = await client.send(request, stream=True)
-            await response.aread()  # aiter_bytes() to the end, as the proxy reads, then aclose()
-            if response.status_code != 200:
-                raise SystemExit(f"the fake answered {response.status_code}")
-
-    for line in sys.stdin:  # blocking between runs is fine: nothing else runs here
-        words, n = map(int, line.split())
-        await asyncio.gather(*(run(words, max(1, n // 10 // c)) for _ in range(c)))
-        before = cpu_and_rss(os.getpid())[0]
-        await asyncio.gather(*(run(words, n // c + (i < n % c)) for i in range(c)))
-        print((cpu_and_rss(os.getpid())[0] - before) / n, flush=True)
-
-
-def floor_cpu(floor: subprocess.Popen, words: int, n: int) -> float:
-    """Ask the floor process for a run; its CPU seconds a request."""
-    floor.stdin.write(f"{words} {n}\n")
-    floor.stdin.flush()
-    if not select.select([floor.stdout], [], [], 300)[0] or not (line := floor.stdout.readline()):
-        raise SystemExit("the floor process failed or is stuck (its error, if any, is above)")
-    return float(line)
-
-
-def cpu_phase(args, procs: list, fake: str) -> dict[str, list]:
-    """Per run: CPU seconds a request of the proxy, then of the floor (the same answers); req/s."""
-    proxy, port = start_proxy(args, procs, fake)
-    procs.append(subprocess.Popen([PY, __file__, "--floor", fake, str(args.concurrency)], text=True,
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  preexec_fn=lambda: os.sched_setaffinity(0, args.measured)))
-    n, streams = args.requests, args.concurrency
-    cases = {"whole": (chat_body(1, False), n, 1), "stream": (chat_body(1, True), n, 1),
-             "long": (chat_body(args.events, True), streams, args.events)}
-    for body, count, _ in cases.values():  # warm-up
-        drive(args, port, body, max(2 * streams, count // 10))
-    runs: dict[str, list] = {}
-    for _ in range(args.repeat):
-        for name, (body, count, words) in cases.items():
-            before = cpu_and_rss(proxy.pid)[0]
-            runs.setdefault(f"rate {name}", []).append(drive(args, port, body, count))
-            time.sleep(0.05)  # let the proxy close its last upstream responses
-            runs.setdefault(name, []).append((cpu_and_rss(proxy.pid)[0] - before) / count)
-            runs.setdefault(f"floor {name}", []).append(floor_cpu(procs[-1], words, count))
-    return runs
-
-
-async def latency_phase(fake: str, port: int, count: int) -> dict[str, list[float]]:
+async def latency_phase(fake: Scenario, port: int, count: int) -> dict[str, list[float]]:
     """Seconds a sequential request takes: straight to the fake, and through the proxy (both kinds)."""
-    async with httpx.AsyncClient() as login_client:
-        token = await login(login_client, f"{fake}/api/config", EMAIL, PASSWORD)
-    route = AccountRoute(f"{fake}/api/completion", None, MODEL, "anon_")
+    route = AccountRoute(fake.url, None, MODEL, "anon_")
     via = f"http://127.0.0.1:{port}{CHAT_PATH}"
-    cases = {"direct": (route.url, *route.request_parts(json.loads(chat_body(1, True)), token)),
+    cases = {"direct": (route.url, *route.request_parts(json.loads(chat_body(1, True)), fake.token)),
              "stream": (via, JSON_HEADERS, chat_body(1, True)),
              "whole": (via, JSON_HEADERS, chat_body(1, False))}
     times: dict[str, list[float]] = {name: [] for name in cases}
@@ -254,7 +117,7 @@ async def open_streams(port: int, pid: int, count: int) -> float:
 def memory_phase(args, procs: list) -> tuple[float, float]:
     """VmRSS (MB) of a fresh, logged-in proxy, idle and then with --streams open streams."""
     fake = start_fake(args, procs, "--stall-after", "1")
-    proxy, port = start_proxy(args, procs, fake, UPSTREAM_MAX_CONNECTIONS=str(args.streams + 100))
+    proxy, port = start_proxy(args, procs, fake_settings(fake), UPSTREAM_MAX_CONNECTIONS=str(args.streams + 100))
     return cpu_and_rss(proxy.pid)[1], asyncio.run(open_streams(port, proxy.pid, args.streams))
 
 
@@ -272,10 +135,7 @@ def startup_times(args, procs: list, env: dict) -> list[float]:
     """Seconds from exec of `python sambaproxy.py` (no credentials) to /info answering 200."""
     times, env = [], clean_env(env)
     for i in range(args.starts + 1):  # the first start only fills the bytecode cache
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        start = time.perf_counter()
+        port, start = free_port(), time.perf_counter()
         proc, log = spawn(args, procs, [PY, PROXY], env | {"PORT": str(port)}, args.measured)
         while not info_answers(port):
             if proc.poll() is not None or time.perf_counter() - start > WAIT:
@@ -309,48 +169,94 @@ def share_row(label: str, proxy: list, floor: list, goal: str, per: float = 1.0)
             f"{us(min(shares))}..{us(max(shares))}" if len(shares) > 1 else "")
 
 
-def table_rows(args, runs: dict, times: dict, memory: tuple, starts: list, imports: float) -> list:
-    long = [[a - b for a, b in zip(runs[x], runs[y])]
-            for x, y in (("long", "stream"), ("floor long", "floor stream"))]
-    rows = [share_row("CPU / non-streamed request", runs["whole"], runs["floor whole"], "< 300 µs"),
-            share_row("CPU / streamed request (4 events)", runs["stream"], runs["floor stream"], "< 300 µs"),
-            share_row(f"CPU / streamed event ({args.events + 3}-event streams)", *long, "< 30 µs",
-                      per=args.events - 1)]  # the echo: 'Echo: ', a chunk a word, usage, [DONE]
+def per_event(runs: dict, name: str) -> list[float]:
+    """Each run's CPU of a long stream less that of a 4-event one (divide by the extra events)."""
+    return [a - b for a, b in zip(runs[f"{name} long"], runs[f"{name} stream"])]
+
+
+def cpu_rows(args, label: str, runs: dict) -> list:
+    """Proxy vs floor, a request and an event, against one upstream."""
+    return [share_row(f"CPU / non-streamed request ({label})", runs["proxy whole"], runs["floor whole"],
+                      "< 300 µs"),
+            share_row(f"CPU / streamed request, 4 events ({label})", runs["proxy stream"],
+                      runs["floor stream"], "< 300 µs"),
+            share_row(f"CPU / streamed event, {args.events + 3}-event streams ({label})",
+                      per_event(runs, "proxy"), per_event(runs, "floor"), "< 30 µs", per=args.events - 1)]
+
+
+def rate(runs: dict, name: str, case: str) -> str:
+    """Median req/s of a server, and how busy its core was (CPU a request x req/s)."""
+    rates, cpus = runs[f"rate {name} {case}"], runs[f"{name} {case}"]
+    busy = statistics.median(r * c for r, c in zip(rates, cpus))
+    return f"{statistics.median(rates):,.0f} req/s, core {busy:.0%}"
+
+
+def ratio_row(label: str, seed: list, proxy: list, seed_text, proxy_text, goal: str = "") -> tuple:
+    """Seed CPU / proxy CPU (= proxy req/s / seed req/s on a busy core), median and spread of runs."""
+    ratios = [s / p for s, p in zip(seed, proxy)]
+    return (label, seed_text, proxy_text, f"{statistics.median(ratios):.1f}x", goal,
+            f"{min(ratios):.1f}x..{max(ratios):.1f}x" if len(ratios) > 1 else "")
+
+
+def seed_rows(args, label: str, runs: dict) -> list:
+    """The seed stack against the proxy, under the same load on the same core."""
+    rows = []
+    for case, kind in (("whole", "non-streamed request"), ("stream", "streamed request, 4 events")):
+        seed, proxy, floor = runs[f"seed {case}"], runs[f"proxy {case}"], runs[f"floor {case}"]
+        rows += [ratio_row(f"CPU / {kind} ({label})", seed, proxy, us(statistics.median(seed)),
+                           us(statistics.median(proxy)), ">= 2x"),
+                 ratio_row(f"req/s on one core, {kind} ({label})", runs[f"rate proxy {case}"],
+                           runs[f"rate seed {case}"], rate(runs, "seed", case), rate(runs, "proxy", case)),
+                 ratio_row(f"req/s per busy core = 1 / CPU, {kind} ({label})", seed, proxy,
+                           f"{1 / statistics.median(seed):,.0f} req/s",
+                           f"{1 / statistics.median(proxy):,.0f} req/s", ">= 2x"),
+                 ratio_row(f"ceiling, httpx floor alone in proxy column, {kind} ({label})", seed, floor,
+                           us(statistics.median(seed)), us(statistics.median(floor)))]
+    seed, proxy = per_event(runs, "seed"), per_event(runs, "proxy")
+    return rows + [ratio_row(f"CPU / streamed event ({label})", seed, proxy,
+                             us(statistics.median(seed) / (args.events - 1)),
+                             us(statistics.median(proxy) / (args.events - 1)))]
+
+
+def table_rows(args, scenarios: dict, times: dict, memory: tuple, starts: list, imports: float) -> list:
+    rows = [row for label, runs in scenarios.items() for row in cpu_rows(args, label, runs)]
     for name, kind in (("stream", "streamed"), ("whole", "non-streamed")):
         for title, stat in (("median", statistics.median),
                             ("p90", lambda xs: statistics.quantiles(xs, n=10)[8])):
             via, direct = stat(times[name]), stat(times["direct"])
-            rows.append((f"latency, {kind}, {title}", ms(via), ms(direct), ms(via - direct), "< 1 ms", ""))
-    (idle, loaded), rate = memory, {k: statistics.median(runs[f"rate {k}"]) for k in ("whole", "stream")}
-    return rows + [
+            rows.append((f"latency, {kind}, {title} (h1 fake)", ms(via), ms(direct), ms(via - direct),
+                         "< 1 ms", ""))
+    idle, loaded = memory
+    rows += [
         ("RSS idle, logged in", f"{idle:.1f} MB", "", "", "< 30 MB", ""),
         (f"RSS, {args.streams} open streams", f"{loaded:.1f} MB", "", f"+{loaded - idle:.1f} MB",
          "< 100 MB", ""),
         (f"start-up, exec to /info 200 (median of {len(starts)})", ms(statistics.median(starts)), "", "",
          "< 300 ms", f"{ms(min(starts))}..{ms(max(starts))}"),
-        ("import time (python -X importtime)", ms(imports), "", "", "", ""),
-        ("throughput, whole / streamed (fake-bound)", f"{rate['whole']:,.0f} / {rate['stream']:,.0f} req/s",
-         "", "", "", "")]
+        ("import time (python -X importtime)", ms(imports), "", "", "", "")]
+    return rows + [(f"throughput, {kind} ({label})", rate(runs, "proxy", case), "", "", "", "")
+                   for label, runs in scenarios.items()
+                   for case, kind in (("whole", "non-streamed"), ("stream", "streamed"))]
 
 
-def print_table(rows: list[tuple], notes: list[str], command: str) -> None:
-    head = ("figure", "proxy", "floor", "our share", "goal", "spread")
+def print_table(head: tuple, rows: list[tuple]) -> None:
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for row in [(), head, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    print("\n".join(["", *("- " + note for note in notes), f"\nReproduce: {command}"]))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Options; --quick and the defaults size the runs."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller runs, about 25 s")
+    p.add_argument("--quick", action="store_true", help="smaller runs, about 40 s")
     p.add_argument("--requests", type=int, help="requests a CPU run (default 600, quick 200)")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--events", type=int, help="words, so chunks, of the long stream (default 2000)")
     p.add_argument("--repeat", type=int, help="runs a CPU figure (default 5, quick 1)")
     p.add_argument("--streams", type=int, default=1000, help="open streams of the memory phase")
     p.add_argument("--client", choices=("h2load", "python"), help="load generator (default h2load if found)")
+    p.add_argument("--no-seed", dest="seed", action="store_false", help="skip the seed stack")
+    p.add_argument("--no-tls", dest="tls", action="store_false", help="skip the HTTPS/HTTP/2 upstream")
     args = p.parse_args(argv)
     defaults = dict(requests=200, events=1000, repeat=1, latency=50, starts=3) if args.quick else dict(
         requests=600, events=2000, repeat=5, latency=200, starts=5)
@@ -361,18 +267,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--floor"]:
-        return asyncio.run(floor_child(argv[1], int(argv[2])))
-    args = parse_args(argv)
+    args, notes = parse_args(argv), []
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.seed and not all(importlib.util.find_spec(m) for m in ("fastapi", "hypercorn")):
+        args.seed = False
+        notes.append("seed stack SKIPPED: fastapi or hypercorn is not importable (`make bench` installs "
+                     "requirements-bench.txt into .venv)")
     # Children inherit both: the fd limit (the proxy needs two descriptors a stream, the fake one),
-    # and the cores (the measured process, proxy or floor, moves to the last one).
+    # and the cores (the measured process, proxy, seed or floor, moves to the last one).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(3 * args.streams + 512, hard)), hard))
     cpus = sorted(os.sched_getaffinity(0))
     args.measured = {cpus[-1]}
     os.sched_setaffinity(0, set(cpus[:-1]) or args.measured)
-    began, load_avg, procs = time.monotonic(), os.getloadavg()[0], []
+    began, load_avg, procs, scenarios = time.monotonic(), os.getloadavg()[0], [], {}
     with tempfile.TemporaryDirectory(prefix="sambaproxy-bench-") as args.workdir:
         # Bytecode cached in the work directory, as in the Docker image, whatever this shell says.
         cached = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
@@ -380,19 +288,38 @@ def main(argv: list[str]) -> None:
         try:
             starts = startup_times(args, procs, cached)
             imports = import_time(cached)
-            fake = start_fake(args, procs)
-            runs = cpu_phase(args, procs, fake)
-            times = asyncio.run(latency_phase(fake, start_proxy(args, procs, fake)[1], args.latency))
+            fake = fake_scenario(start_fake(args, procs))
+            scenarios[fake.label] = scenario_phase(args, procs, fake)
+            times = asyncio.run(latency_phase(fake, start_proxy(args, procs, fake.proxy_env)[1], args.latency))
             memory = memory_phase(args, procs)
+            if args.tls and (certificate := make_certificate(args.workdir)):
+                tls = start_h2_upstream(args, procs, *certificate)
+                scenarios[tls.label] = scenario_phase(args, procs, tls)
+            elif args.tls:
+                notes.append("h2 TLS scenario SKIPPED: no openssl command to make a throwaway certificate")
         finally:
             for proc in reversed(procs):
                 stop(proc)
-    notes = [f"load: {args.client}, HTTP/1.1, concurrency {args.concurrency}, {args.requests} requests "
-             f"(or {args.concurrency} long streams) a run, {args.repeat} runs; proxy, floor on CPU {cpus[-1]}",
-             f"{len(cpus)} CPUs, load average {load_avg:.2f} before the run (other work on the machine skews "
-             f"every figure); the bench took {time.monotonic() - began:.0f} s"]
-    print_table(table_rows(args, runs, times, memory, starts, imports), notes,
-                " ".join([".venv/bin/python tests/bench.py", *argv]))
+    print_table(("figure", "proxy", "floor", "our share", "goal", "spread"),
+                table_rows(args, scenarios, times, memory, starts, imports))
+    if args.seed:
+        print("\nSeed stack (FastAPI + Hypercorn + httpx, tests/bench_seed.py) vs the proxy:")
+        print_table(("figure", "seed", "proxy", "ratio", "goal", "spread"),
+                    [row for label, runs in scenarios.items() for row in seed_rows(args, label, runs)])
+    notes += [
+        f"load: {args.client}, HTTP/1.1, concurrency {args.concurrency}, {args.requests} requests "
+        f"(or {args.concurrency} long streams) a run, {args.repeat} runs; proxy, seed, floor each in turn "
+        f"on CPU {cpus[-1]}; upstream, load generator and this process on the other CPUs",
+        "(h1 fake): the fake SambaNova, plain HTTP/1.1; (h2 TLS): tests/bench_upstream.py, HTTPS with "
+        "ALPN h2 and the same events; the floor talks to the same upstream the same way",
+        "ratio = seed CPU / proxy CPU = proxy req/s / seed req/s when each saturates its core (goal >= 2x); "
+        "'ceiling' = seed CPU / floor CPU, the ratio a proxy adding nothing to its httpx client would reach; "
+        "'core N%' = CPU a request x req/s: under ~90% the upstream or load generator, not the server, "
+        "bound req/s, and 1 / CPU is the rate a busy core would give",
+        f"{len(cpus)} CPUs, load average {load_avg:.2f} before the run (other work on the machine skews "
+        f"every figure); the bench took {time.monotonic() - began:.0f} s"]
+    print("\n".join(["", *("- " + note for note in notes),
+                     "\nReproduce: " + " ".join([".venv/bin/python tests/bench.py", *argv])]))
 
 
 if __name__ == "__main__":
