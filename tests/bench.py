@@ -201,16 +201,16 @@ def ratio_row(label: str, seed: list, proxy: list, seed_text, proxy_text, goal: 
 def seed_rows(args, label: str, runs: dict) -> list:
     """The seed stack against the proxy, under the same load on the same core."""
     rows = []
-    for case, kind in (("whole", "non-streamed request"), ("stream", "streamed request, 4 events")):
+    for case, kind in (("whole", "non-streamed"), ("stream", "streamed, 4 events")):
         seed, proxy, floor = runs[f"seed {case}"], runs[f"proxy {case}"], runs[f"floor {case}"]
-        rows += [ratio_row(f"CPU / {kind} ({label})", seed, proxy, us(statistics.median(seed)),
+        rows += [ratio_row(f"CPU / request, {kind} ({label})", seed, proxy, us(statistics.median(seed)),
                            us(statistics.median(proxy)), ">= 2x"),
                  ratio_row(f"req/s on one core, {kind} ({label})", runs[f"rate proxy {case}"],
                            runs[f"rate seed {case}"], rate(runs, "seed", case), rate(runs, "proxy", case)),
-                 ratio_row(f"req/s per busy core = 1 / CPU, {kind} ({label})", seed, proxy,
+                 ratio_row(f"req/s a busy core (1 / CPU), {kind} ({label})", seed, proxy,
                            f"{1 / statistics.median(seed):,.0f} req/s",
                            f"{1 / statistics.median(proxy):,.0f} req/s", ">= 2x"),
-                 ratio_row(f"ceiling, httpx floor alone in proxy column, {kind} ({label})", seed, floor,
+                 ratio_row(f"ceiling: floor as proxy, {kind} ({label})", seed, floor,
                            us(statistics.median(seed)), us(statistics.median(floor)))]
     seed, proxy = per_event(runs, "seed"), per_event(runs, "proxy")
     return rows + [ratio_row(f"CPU / streamed event ({label})", seed, proxy,
@@ -308,16 +308,17 @@ def main(argv: list[str]) -> None:
                     [row for label, runs in scenarios.items() for row in seed_rows(args, label, runs)])
     notes += [
         f"load: {args.client}, HTTP/1.1, concurrency {args.concurrency}, {args.requests} requests "
-        f"(or {args.concurrency} long streams) a run, {args.repeat} runs; proxy, seed, floor each in turn "
-        f"on CPU {cpus[-1]}; upstream, load generator and this process on the other CPUs",
-        "(h1 fake): the fake SambaNova, plain HTTP/1.1; (h2 TLS): tests/bench_upstream.py, HTTPS with "
-        "ALPN h2 and the same events; the floor talks to the same upstream the same way",
-        "ratio = seed CPU / proxy CPU = proxy req/s / seed req/s when each saturates its core (goal >= 2x); "
-        "'ceiling' = seed CPU / floor CPU, the ratio a proxy adding nothing to its httpx client would reach; "
-        "'core N%' = CPU a request x req/s: under ~90% the upstream or load generator, not the server, "
-        "bound req/s, and 1 / CPU is the rate a busy core would give",
-        f"{len(cpus)} CPUs, load average {load_avg:.2f} before the run (other work on the machine skews "
-        f"every figure); the bench took {time.monotonic() - began:.0f} s"]
+        f"(or {args.concurrency} long streams) a run, {args.repeat} runs; proxy, {'seed, ' * args.seed}floor "
+        f"each in turn on CPU {cpus[-1]}; upstream, load generator and this process on the other CPUs",
+        "(h1 fake): the fake SambaNova, plain HTTP/1.1" + ("; (h2 TLS): tests/bench_upstream.py, HTTPS with "
+        "ALPN h2 and the same events; the floor talks to each upstream as the proxy does" * (len(scenarios) > 1)),
+        "'core N%' = CPU a request x req/s: under ~90% the upstream or the load generator, not the server, "
+        "bound req/s, and 1 / CPU is the rate a busy core would give"]
+    notes += ["ratio = seed CPU / proxy CPU = proxy req/s / seed req/s when each saturates its core (goal "
+              ">= 2x); 'ceiling' = seed CPU / floor CPU, the ratio of a proxy adding nothing to its httpx "
+              "client"] * args.seed
+    notes.append(f"{len(cpus)} CPUs, load average {load_avg:.2f} before the run (other work on the machine "
+                 f"skews every figure); the bench took {time.monotonic() - began:.0f} s")
     print("\n".join(["", *("- " + note for note in notes),
                      "\nReproduce: " + " ".join([".venv/bin/python tests/bench.py", *argv])]))
 
