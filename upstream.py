@@ -219,9 +219,13 @@ class Upstream:
         except httpx.ConnectTimeout:
             raise ProxyError(502, "SambaNova could not be reached (connect timeout)",
                              "upstream_error", "upstream_unreachable", retryable=True) from None
+        except httpx.PoolTimeout:
+            raise ProxyError(503, "every upstream connection (UPSTREAM_MAX_CONNECTIONS) stayed busy",
+                             "service_unavailable", "upstream_pool_full") from None
         except httpx.TimeoutException:
+            # Not retried: the client has already waited a whole UPSTREAM_READ_TIMEOUT.
             raise ProxyError(504, "SambaNova did not answer within UPSTREAM_READ_TIMEOUT",
-                             "timeout", "upstream_timeout", retryable=True) from None
+                             "timeout", "upstream_timeout") from None
         except httpx.HTTPError as exc:
             raise ProxyError(502, f"SambaNova could not be reached ({type(exc).__name__})",
                              "upstream_error", "upstream_unreachable", retryable=True) from None

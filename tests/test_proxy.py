@@ -261,6 +261,15 @@ async def test_silent_upstream_is_504_or_a_timeout_event(fake, start_proxy):
     assert last["error"]["code"] == "upstream_timeout" and "[DONE]" not in streamed.text
 
 
+async def test_upstream_silent_before_answering_is_504_without_a_retry(fake, start_proxy):
+    app = await start_proxy(fake, UPSTREAM_READ_TIMEOUT="0.3")
+    fake.script.append(Reply(hang=True))
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(f"{app.url}/v1/chat/completions", headers=AUTH, json=HELLO)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    assert len(fake.completions) == 1
+
+
 async def test_upstream_dropping_mid_stream_ends_with_an_error_event(proxy, fake):
     fake.script.append(Reply(text="one two three four five", drop_after=2))
     async with httpx.AsyncClient(timeout=10) as client:
