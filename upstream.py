@@ -72,9 +72,11 @@ def make_client(config: Config) -> httpx.AsyncClient:
         http2=True,
         limits=httpx.Limits(max_connections=config.upstream_max_connections,
                             max_keepalive_connections=config.upstream_max_connections),
+        # Waiting for a free pooled connection is bounded like connecting: a full
+        # pool answers 503 after UPSTREAM_CONNECT_TIMEOUT instead of queueing for minutes.
         timeout=httpx.Timeout(connect=config.upstream_connect_timeout,
                               read=config.upstream_read_timeout, write=config.upstream_read_timeout,
-                              pool=config.upstream_read_timeout),
+                              pool=config.upstream_connect_timeout),
     )
 
 

@@ -270,6 +270,18 @@ async def test_upstream_silent_before_answering_is_504_without_a_retry(fake, sta
     assert len(fake.completions) == 1
 
 
+async def test_full_upstream_pool_is_503_naming_the_setting(fake, start_proxy):
+    app = await start_proxy(fake, UPSTREAM_MAX_CONNECTIONS="1", UPSTREAM_CONNECT_TIMEOUT="0.3")
+    fake.script.append(Reply(stall_after=1))
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with client.stream("POST", f"{app.url}/v1/chat/completions", headers=AUTH,
+                                 json={**HELLO, "stream": True}) as held:
+            lines = held.aiter_lines()  # kept referenced: a collected iterator closes the stream
+            await lines.__anext__()
+            r = await client.post(f"{app.url}/v1/chat/completions", headers=AUTH, json=HELLO)
+    assert r.status_code == 503 and "UPSTREAM_MAX_CONNECTIONS" in r.json()["error"]["message"]
+
+
 async def test_upstream_dropping_mid_stream_ends_with_an_error_event(proxy, fake):
     fake.script.append(Reply(text="one two three four five", drop_after=2))
     async with httpx.AsyncClient(timeout=10) as client:
