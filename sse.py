@@ -2,7 +2,8 @@
 
 No sockets, no event loop: the decoder turns bytes into events, the relay turns events
 into client frames, the aggregator into one completion; the request helpers validate a
-client body and build the upstream payload. Tested with byte strings (tests/test_sse.py).
+client body and build the upstream payload. Tested with byte strings
+(tests/test_sse_decoder.py, tests/test_sse_relay.py).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def encode(data: bytes) -> bytes:
     if b"\n" in data or b"\r" in data:
         lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
         return b"data: " + b"\ndata: ".join(lines) + b"\n\n"
-    return b"data: " + data + b"\n\n"
+    return b"data: %b\n\n" % data
 
 
 # --- decoder -----------------------------------------------------------------------
@@ -206,12 +207,14 @@ def _plain_chunk_frame(data: bytes) -> bytes | None:
 
     JSON escapes every quote inside a string, so `"error"`, `"usage"` and
     `"created":` can only appear in these bytes as keys. A chunk with a list of
-    choices, no error and no usage needs at most its float `created` cut to an
+    choices, no error and no usage object (`"usage":null` is fine) needs at most its float `created` cut to an
     int, which is done in place; anything else takes the full parse.
     """
-    if data[:1] != b"{" or data[-1:] != b"}" or b'"choices":[' not in data \
-            or b'"error"' in data or b'"usage"' in data:
+    if data[:1] != b"{" or data[-1:] != b"}" or b'"choices":[' not in data or b'"error"' in data:
         return None
+    usages = data.count(b'"usage"')
+    if usages and usages != data.count(b'"usage":null'):
+        return None  # a real usage object: the usage rules need the full parse
     key = data.find(_CREATED_KEY)
     if key < 0:
         return encode(data)
@@ -324,7 +327,9 @@ class _ChoiceState:
             self.finish_reason = choice["finish_reason"]
         logprobs = choice.get("logprobs")
         if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-            self.logprobs = (self.logprobs or []) + logprobs["content"]
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(logprobs["content"])  # in place: a long answer stays linear
 
     def _add_tool_call(self, position: int, delta: dict) -> None:
         """Merge a tool-call fragment into the call with the same index."""

@@ -74,8 +74,9 @@ def test_relay_error_beside_a_choices_list_still_raises():
     assert info.value.error["message"] == "boom" and info.value.error["code"] == "overloaded"
 
 
-def test_relay_forwards_sambanova_chunks_without_parsing_them(monkeypatch):
-    data = PLAIN % (b"1732700000.5", TEXT_CHOICE)
+@pytest.mark.parametrize("usage", [b"", b',"usage":null'])
+def test_relay_forwards_sambanova_chunks_without_parsing_them(monkeypatch, usage):
+    data = (PLAIN % (b"1732700000.5", TEXT_CHOICE))[:-1] + usage + b"}"
     monkeypatch.setattr(sse.json, "loads", lambda raw: pytest.fail("parsed a plain chunk"))
     frame = StreamRelay(False).relay("message", data)
     assert frame == b"data: " + data.replace(b"1732700000.5", b"1732700000") + b"\n\n"
