@@ -162,6 +162,8 @@ class H11Driver:
                     self.transport.close()
                     return
         except h11.RemoteProtocolError as exc:
+            # Only the type: h11's message may quote the request's bytes, e.g. an API key.
+            log.debug("malformed HTTP/1.1 request: %s", type(exc).__name__)
             status = exc.error_status_hint
             reason = "Request header fields too large" if status == 431 else "Malformed HTTP request"
             self.reject(status, reason, "bad_request")

@@ -199,7 +199,8 @@ class H2Driver:
         try:
             events = self.h2.receive_data(data)
         except ProtocolError as exc:
-            log.debug("HTTP/2 protocol error from client: %s", exc)
+            # Only the type: h2's message quotes the offending header, e.g. an API key.
+            log.debug("HTTP/2 protocol error from client: %s", type(exc).__name__)
             self.flush()  # h2 queued a GOAWAY
             self.transport.close()
             return

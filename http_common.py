@@ -7,6 +7,7 @@ server.py re-exports the vocabulary for the app.
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -47,6 +48,15 @@ def header_dict(pairs) -> dict[str, str]:
     return headers
 
 
+def describe(exc: BaseException) -> str:
+    """An exception for a log line: its type and stack, never its message.
+
+    Messages of h11, h2 and handler code may quote header or body bytes, an API key among them.
+    """
+    frames = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    return f"{type(exc).__name__}\n{frames}" if frames else type(exc).__name__
+
+
 def clean_headers(headers: list[tuple[str, str]], drop: frozenset) -> list[tuple[str, str]]:
     """Lower-case the handler's header names and drop the fields listed in `drop`."""
     return [(name, value) for name, value in ((n.lower(), v) for n, v in headers) if name not in drop]
@@ -84,8 +94,8 @@ class Responder:
         for callback in callbacks:
             try:
                 callback()
-            except Exception:
-                log.exception("on_gone callback failed")
+            except Exception as exc:
+                log.error("on_gone callback failed: %s", describe(exc))
 
     def _begin(self, status: int) -> bool:
         """Note that a response starts; False when the client has already left."""

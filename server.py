@@ -22,6 +22,7 @@ from http_common import (  # noqa: F401  (Request, Responder, Handler: re-export
     Handler,
     Request,
     Responder,
+    describe,
 )
 
 log = logging.getLogger("sambaproxy.server")
@@ -224,8 +225,8 @@ class Server:
         except asyncio.CancelledError:
             responder._abort()
             raise
-        except Exception:
-            log.exception("handler failed on %s %s", request.method, request.path)
+        except Exception as exc:
+            log.error("handler failed on %s %s: %s", request.method, request.path, describe(exc))
             await self._fail(responder)
         finally:
             responder._finished()
@@ -238,6 +239,6 @@ class Server:
         body = self.error_body(500, "Internal server error", "server_error", "internal_error")
         try:
             await responder.send(500, JSON, body)
-        except Exception:
-            log.exception("could not send the 500 answer")
+        except Exception as exc:
+            log.error("could not send the 500 answer: %s", describe(exc))
             responder._abort()

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import re
 import ssl
 import sys
@@ -20,6 +21,7 @@ from server import ClientGone, Server  # noqa: E402
 
 LIMIT = 1000  # max_body_bytes of the test server
 WAIT = 5.0  # bound on every wait
+SECRET = "sk-SECRET-3f9a1c"  # an API key that must never reach a log line
 
 
 def error_body(status, message, type_, code):
@@ -122,6 +124,10 @@ class App:
 
     async def do_noreply(self, request, responder):
         return None
+
+    async def do_bad_header(self, request, responder):
+        # h11 refuses the value and quotes it in its exception message.
+        await responder.send(200, [("x-key", SECRET + "\r\n")], b"")
 
 
 @pytest.fixture
@@ -370,9 +376,9 @@ async def test_h2_413_from_content_length(h2c):
 class RawH2:
     """A minimal h2 client over an asyncio socket."""
 
-    def __init__(self, reader, writer):
+    def __init__(self, reader, writer, **settings):
         self.reader, self.writer = reader, writer
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        config = h2.config.H2Configuration(client_side=True, header_encoding=None, **settings)
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.initiate_connection()
         self.flush()
@@ -380,9 +386,9 @@ class RawH2:
     def flush(self):
         self.writer.write(self.conn.data_to_send())
 
-    def request(self, method, path, end_stream=True):
+    def request(self, method, path, end_stream=True, extra=()):
         stream_id = self.conn.get_next_available_stream_id()
-        headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "x")]
+        headers = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "x"), *extra]
         self.conn.send_headers(stream_id, headers, end_stream=end_stream)
         self.flush()
         return stream_id
@@ -441,6 +447,39 @@ async def test_h2_413_from_body_then_reset(connect, server):
     assert (b":status", b"413") in status
     assert b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived)).startswith(b'{"error"')
     assert events[-1].error_code == ErrorCodes.NO_ERROR
+
+
+# Secrets in log lines
+
+async def test_h2_protocol_error_does_not_log_the_header_value(connect, server, caplog):
+    caplog.set_level(logging.WARNING, logger="hpack")  # as the app configures it: hpack logs every header
+    caplog.set_level(logging.DEBUG)
+    # h2 refuses a value surrounded by whitespace and quotes it in its ProtocolError.
+    client = RawH2(*await connect(), validate_outbound_headers=False, normalize_outbound_headers=False)
+    client.request("GET", "/echo", extra=[("authorization", f"Bearer {SECRET} ")])
+    await read_to_eof(client.reader)  # GOAWAY, then the server closes
+    assert SECRET not in caplog.text
+    assert "HTTP/2 protocol error from client: ProtocolError" in caplog.text
+
+
+async def test_malformed_h1_header_line_does_not_log_its_bytes(connect, server, caplog):
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await connect()
+    writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nAuthorization Bearer %s\r\n\r\n" % SECRET.encode())
+    assert (await read_to_eof(reader)).startswith(b"HTTP/1.1 400 ")
+    assert SECRET not in caplog.text
+    assert "malformed HTTP/1.1 request: RemoteProtocolError" in caplog.text
+
+
+async def test_handler_exception_is_logged_without_its_message(connect, server, caplog):
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await connect()
+    writer.write(b"GET /bad-header HTTP/1.1\r\nHost: x\r\n\r\n")
+    await read_to_eof(reader)  # the response had started: the connection is closed
+    assert SECRET not in caplog.text
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "handler failed on GET /bad-header: LocalProtocolError" in errors[0].getMessage()
+    assert "do_bad_header" in errors[0].getMessage()  # the stack is kept
 
 
 # TLS with ALPN
