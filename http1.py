@@ -243,12 +243,11 @@ class H11Driver:
         """Half-close and discard input for a while, so the client reads our answer (RFC 9112 §9.6)."""
         self.lingering = True
         t = self.transport
-        if t.can_write_eof():
+        if t.can_write_eof():  # never over TLS: there the answer is followed by lingering alone
             t.write_eof()
-            t.resume_reading()
-            self.conn.close_later(LINGER_TIMEOUT)
-        else:
-            t.close()
+        # Closing with unread input would reset the connection and could lose the answer.
+        t.resume_reading()
+        self.conn.close_later(LINGER_TIMEOUT)
 
     def shutdown(self) -> None:
         """Close now if idle; a running request closes the connection when it ends."""

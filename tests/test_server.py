@@ -504,6 +504,23 @@ async def test_tls_alpn_negotiates_h2_and_http11(app, certificate):
         await srv.shutdown(grace=1.0)
 
 
+async def test_tls_413_reaches_a_client_still_uploading(app, certificate):
+    # TLS cannot half-close: the server must still read and discard the upload before closing.
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    srv = Server(app, max_body_bytes=LIMIT, ssl_context=context, error_body=error_body)
+    await srv.start("127.0.0.1", 0)
+    try:
+        verify = ssl.create_default_context(cafile=str(cert))
+        async with httpx.AsyncClient(verify=verify, timeout=WAIT) as client:
+            response = await client.post(f"https://127.0.0.1:{srv.port}/echo", content=b"a" * (8 << 20))
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+    finally:
+        await srv.shutdown(grace=1.0)
+
+
 # Shutdown
 
 async def test_shutdown_lets_in_flight_request_finish(connect, server, app, h1):
