@@ -129,6 +129,10 @@ class H11Driver:
         """The running handler task, if any."""
         return [self.task] if self.task else []
 
+    def check_starved(self, cutoff: float) -> None:
+        """HTTP/1.1 has no flow control of its own: a stalled client shows as a paused transport."""
+        return None
+
     def data_received(self, data: bytes) -> None:
         """Feed h11; parse now unless a handler runs (RFC 9112 §9.3.2: pipelined requests wait their turn)."""
         if self.lingering:

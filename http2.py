@@ -41,7 +41,7 @@ class H2Responder(Responder):
     """One HTTP/2 stream: its request while it arrives, then its response."""
 
     __slots__ = ("_driver", "stream_id", "request", "_chunks", "_size", "task", "_window",
-                 "complete", "rejected")
+                 "starved_at", "complete", "rejected")
 
     def __init__(self, driver: H2Driver, stream_id: int, request: Request) -> None:
         super().__init__(request.method == "HEAD")
@@ -52,6 +52,7 @@ class H2Responder(Responder):
         self._size = 0
         self.task: asyncio.Task | None = None
         self._window: asyncio.Future | None = None
+        self.starved_at: float | None = None  # since when a write waits for window space
         self.complete = False  # the client ended its side of the stream
         self.rejected = False
 
@@ -138,11 +139,16 @@ class H2Responder(Responder):
 
     async def _wait_window(self) -> None:
         """Wait for a WINDOW_UPDATE, a settings change or the stream's end."""
-        self._window = self._driver.conn.loop.create_future()
+        loop = self._driver.conn.loop
+        self._window = loop.create_future()
+        if self.starved_at is None:
+            self.starved_at = loop.time()
         try:
             await self._window
         finally:
             self._window = None
+        if self.gone or self._driver.h2.local_flow_control_window(self.stream_id) > 0:
+            self.starved_at = None
 
     def wake(self) -> None:
         """Let a write waiting for window space look again."""
@@ -174,12 +180,37 @@ class H2Driver:
         self.flush()
 
     def idle(self) -> bool:
-        """True when no stream is open."""
-        return not self.streams
+        """True when no handler runs: a stream whose upload stopped half-way does not keep us open."""
+        return not any(stream.task is not None for stream in self.streams.values())
 
     def tasks(self) -> list[asyncio.Task]:
         """The running handler tasks."""
         return [s.task for s in self.streams.values() if s.task is not None]
+
+    def check_starved(self, cutoff: float) -> float | None:
+        """Give up on writes starved of flow-control window since before `cutoff`.
+
+        A stream whose own window is spent is reset (CANCEL); when the connection's window is
+        spent, the connection is closed. Returns when the oldest remaining starvation began.
+        """
+        oldest = None
+        for stream in list(self.streams.values()):
+            since = stream.starved_at
+            if since is None or stream.gone:
+                continue
+            if since > cutoff:
+                oldest = since if oldest is None else min(oldest, since)
+            elif self.h2.outbound_flow_control_window <= 0:
+                log.debug("closing an HTTP/2 connection whose client grants no window")
+                self.connection_lost()
+                self.close()
+                return None
+            else:
+                log.debug("resetting an HTTP/2 stream whose client grants no window")
+                self.reset(stream.stream_id, ErrorCodes.CANCEL)
+                stream._client_left()
+                stream.wake()
+        return oldest
 
     def flush(self) -> None:
         """Write whatever h2 has queued."""

@@ -28,7 +28,7 @@ from http_common import (  # noqa: F401  (Request, Responder, Handler: re-export
 log = logging.getLogger("sambaproxy.server")
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
-IDLE_TIMEOUT = 75.0  # seconds an idle keep-alive connection stays open
+IDLE_TIMEOUT = 75.0  # seconds an idle keep-alive connection, or a client taking no data, is kept
 
 
 def default_error_body(status: int, message: str, type_: str, code: str | None) -> bytes:
@@ -46,6 +46,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.driver: H11Driver | H2Driver | None = None
         self.paused = False
+        self.paused_at = 0.0  # when the transport last asked us to stop writing
         self.closed = False
         self.last_activity = 0.0
         self._sniffed = b""
@@ -92,6 +93,7 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.paused = True
+        self.paused_at = self.loop.time()
 
     def resume_writing(self) -> None:
         self.paused = False
@@ -116,22 +118,45 @@ class Connection(asyncio.Protocol):
         self.last_activity = self.loop.time()
 
     def _check_idle(self) -> None:
-        """Close a connection without a request for `idle_timeout`; otherwise look again later."""
+        """Close a connection without a request, or whose client takes no data, for `idle_timeout`.
+
+        A client that stops reading would otherwise pin its request, and the upstream request
+        behind it, forever: the blocked write raises ClientGone once the connection is gone.
+        """
         timeout = self.server.idle_timeout
-        idle_for = self.loop.time() - self.last_activity
+        now = self.loop.time()
+        if self.paused and now - self.paused_at >= timeout:
+            log.debug("aborting a connection whose client stopped reading")
+            self.transport.abort()  # close() would wait for the unread buffer to drain
+            return
+        # HTTP/2: a client can also stop granting flow-control window (RFC 9113 §5.2).
+        starved = self.driver.check_starved(now - timeout) if self.driver is not None else None
+        if self.transport.is_closing():
+            return
         quiet = self.driver is None or self.driver.idle()
-        if quiet and idle_for >= timeout:
+        if quiet and now - self.last_activity >= timeout:
             log.debug("closing idle connection")
             self.close()
             return
-        delay = timeout - idle_for if quiet else timeout
-        self._timer = self.loop.call_later(max(delay, 0.01), self._check_idle)
+        deadline = self.last_activity + timeout if quiet else now + timeout
+        if self.paused:
+            deadline = min(deadline, self.paused_at + timeout)
+        if starved is not None:
+            deadline = min(deadline, starved + timeout)
+        self._timer = self.loop.call_later(max(deadline - now, 0.01), self._check_idle)
 
     def close_later(self, delay: float) -> None:
         """Close the transport after `delay` seconds (lingering close)."""
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self.loop.call_later(delay, self.transport.close)
+        self._timer = self.loop.call_later(delay, self._close_now)
+
+    def _close_now(self) -> None:
+        """Close the transport; abort it when the client is not reading what is buffered."""
+        if self.paused:
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def tasks(self) -> list[asyncio.Task]:
         """Handler tasks running on this connection."""

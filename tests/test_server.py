@@ -4,6 +4,7 @@ import asyncio
 import json
 import logging
 import re
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -90,6 +91,17 @@ class App:
             self.max_buffered = max(self.max_buffered, transport.get_write_buffer_size())
         await responder.end()
 
+    async def do_flood(self, request, responder):
+        # Writes until a write blocks for good: only the server can end this.
+        responder.on_gone(self._left)
+        await responder.start(200, [("content-type", "application/octet-stream")])
+        try:
+            while True:
+                await responder.write(b"f" * 65536)
+        except ClientGone:
+            self.write_raised.set()
+            raise
+
     async def do_big_send(self, request, responder):
         await responder.send(200, [], b"x" * int(request.query))
 
@@ -138,6 +150,15 @@ def app():
 @pytest.fixture
 async def server(app):
     srv = Server(app, max_body_bytes=LIMIT, error_body=error_body)
+    await srv.start("127.0.0.1", 0)
+    yield srv
+    await srv.shutdown(grace=1.0)
+
+
+@pytest.fixture
+async def quick(app):
+    """A server with a short idle_timeout (also its limit on a client that takes no data)."""
+    srv = Server(app, max_body_bytes=LIMIT, error_body=error_body, idle_timeout=0.3)
     await srv.start("127.0.0.1", 0)
     yield srv
     await srv.shutdown(grace=1.0)
@@ -250,6 +271,21 @@ async def test_idle_keep_alive_connection_is_closed(app):
     finally:
         writer.close()
         await srv.shutdown(grace=1.0)
+
+
+async def test_h1_client_that_stops_reading_is_dropped(quick, app):
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills after a few KiB
+    sock.setblocking(False)
+    await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", quick.port)), WAIT)
+    _, writer = await asyncio.open_connection(sock=sock)
+    try:
+        writer.write(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+        await asyncio.wait_for(app.gone.wait(), WAIT)
+        await asyncio.wait_for(app.write_raised.wait(), WAIT)
+        assert app.gone_count == 1 and not quick.connections
+    finally:
+        writer.close()
 
 
 # HTTP/1.1 with raw bytes
@@ -393,15 +429,15 @@ class RawH2:
         self.flush()
         return stream_id
 
-    async def until(self, predicate):
-        """Read events until one matches `predicate`; return all events read."""
+    async def until(self, predicate, ack=True):
+        """Read events until one matches `predicate`; return all events read (ack: grant window)."""
         seen = []
         while True:
             data = await asyncio.wait_for(self.reader.read(65536), WAIT)
             assert data, "server closed the connection"
             for event in self.conn.receive_data(data):
                 seen.append(event)
-                if isinstance(event, h2.events.DataReceived):
+                if ack and isinstance(event, h2.events.DataReceived):
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 if predicate(event):
                     self.flush()
@@ -434,6 +470,53 @@ async def test_h2_connection_lost_fires_on_gone(connect, server, app):
     app.release.set()
     await asyncio.wait_for(app.write_raised.wait(), WAIT)
     assert app.gone_count == 1
+
+
+async def test_h2_client_granting_no_window_is_dropped(quick, app):
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", quick.port), WAIT)
+    try:
+        client = RawH2(reader, writer)
+        client.request("GET", "/flood")
+        # Read and drop everything, never sending WINDOW_UPDATE: the windows (64 KiB) run out.
+        while await asyncio.wait_for(reader.read(65536), WAIT):
+            pass
+        await asyncio.wait_for(app.gone.wait(), WAIT)
+        await asyncio.wait_for(app.write_raised.wait(), WAIT)
+        assert app.gone_count == 1
+    finally:
+        writer.close()
+
+
+async def test_h2_stream_granting_no_window_is_reset(quick, app):
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", quick.port), WAIT)
+    try:
+        client = RawH2(reader, writer)
+        client.conn.increment_flow_control_window(1 << 30)  # the connection has room, the stream none
+        stream_id = client.request("GET", "/flood")
+        events = await client.until(lambda e: isinstance(e, h2.events.StreamReset), ack=False)
+        assert (events[-1].stream_id, events[-1].error_code) == (stream_id, ErrorCodes.CANCEL)
+        await asyncio.wait_for(app.write_raised.wait(), WAIT)
+        assert app.gone_count == 1
+        # The connection carries on.
+        other = client.request("GET", "/echo")
+        events = await client.until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == other)
+        assert any(isinstance(e, h2.events.ResponseReceived) and e.stream_id == other for e in events)
+    finally:
+        writer.close()
+
+
+async def test_h2_upload_stopped_half_way_does_not_keep_the_connection(quick):
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", quick.port), WAIT)
+    try:
+        client = RawH2(reader, writer)
+        stream_id = client.request("POST", "/echo", end_stream=False)
+        client.conn.send_data(stream_id, b"half")
+        client.flush()
+        events = await client.until(lambda e: isinstance(e, h2.events.ConnectionTerminated))
+        assert events[-1].error_code == ErrorCodes.NO_ERROR
+        assert await read_to_eof(reader) == b""
+    finally:
+        writer.close()
 
 
 async def test_h2_413_from_body_then_reset(connect, server):
