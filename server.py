@@ -240,7 +240,9 @@ class Server:
         """Run the handler for one request and make sure the request gets a whole answer."""
         try:
             await self.handler(request, responder)
-            if not responder.started:
+            if not responder.started and responder.gone:
+                log.debug("client left before the answer to %s %s", request.method, request.path)
+            elif not responder.started:
                 log.error("handler sent no response to %s %s", request.method, request.path)
                 await self._fail(responder)
             elif not responder.ended:

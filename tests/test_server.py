@@ -39,6 +39,7 @@ class App:
         self.gone = asyncio.Event()
         self.gone_count = 0
         self.write_raised = asyncio.Event()
+        self.finished = asyncio.Event()
         self.cancelled = False
         self.idle_writes = []
         self.max_buffered = 0
@@ -136,6 +137,15 @@ class App:
 
     async def do_noreply(self, request, responder):
         return None
+
+    async def do_give_up(self, request, responder):
+        # Returns without an answer once the client has left, as the app does.
+        responder.on_gone(self._left)
+        self.entered.set()
+        try:
+            await asyncio.wait_for(self.gone.wait(), WAIT)
+        finally:
+            self.finished.set()
 
     async def do_bad_header(self, request, responder):
         # h11 refuses the value and quotes it in its exception message.
@@ -286,6 +296,20 @@ async def test_h1_client_that_stops_reading_is_dropped(quick, app):
         assert app.gone_count == 1 and not quick.connections
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("version", ["1.1", "2"])
+async def test_client_leaving_before_the_answer_is_not_an_error(connect, server, app, caplog, version):
+    reader, writer = await connect()
+    if version == "2":
+        RawH2(reader, writer).request("GET", "/give-up")
+    else:
+        writer.write(b"GET /give-up HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.wait_for(app.entered.wait(), WAIT)
+    writer.close()
+    await asyncio.wait_for(app.finished.wait(), WAIT)  # set in the step that ends the handler...
+    assert app.gone_count == 1  # ...and in which the server then decides what to log
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 # HTTP/1.1 with raw bytes
