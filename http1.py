@@ -57,7 +57,8 @@ class H11Responder(Responder):
             response = h11.Response(status_code=status, headers=d.fields(headers, None),
                                     reason=_REASONS.get(status, b""))
             head = d.h11.send(response)
-            self._chunked = b"transfer-encoding: chunked\r\n" in head.lower()
+            # Anchored at a line start: a header value may contain the same text, never a CRLF.
+            self._chunked = b"\r\ntransfer-encoding: chunked\r\n" in head.lower()
             d.transport.write(head)
 
     def _frame(self, data: bytes) -> bytes:

@@ -75,6 +75,12 @@ class App:
             await responder.write(b"chunk %d\n" % i)
         await responder.end()
 
+    async def do_note_stream(self, request, responder):
+        await responder.start(200, [("x-note", "transfer-encoding: chunked")])
+        await responder.write(b"one\n")
+        await responder.write(b"two\n")
+        await responder.end()
+
     async def do_big(self, request, responder):
         size = int(request.query)
         await responder.start(200, [("content-type", "application/octet-stream")])
@@ -330,6 +336,14 @@ async def test_h1_0_client_gets_a_close_delimited_stream(connect, server, app):
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" not in head.lower()
     assert body == b": ka\nchunk 0\nchunk 1\n"
+
+
+async def test_h1_0_close_delimited_despite_a_header_value_naming_chunked(connect, server):
+    reader, writer = await connect()
+    writer.write(b"GET /note-stream HTTP/1.0\r\n\r\n")
+    head, _, body = (await read_to_eof(reader)).partition(b"\r\n\r\n")
+    assert b"x-note: transfer-encoding: chunked\r\n" in head and b"\r\ntransfer-encoding" not in head.lower()
+    assert body == b"one\ntwo\n"
 
 
 async def test_h1_expect_100_continue(connect, server):
