@@ -24,7 +24,7 @@ GRANT_TYPE = "http://auth0.com/oauth/grant-type/password-realm"
 AUTH0_CLIENT = base64.urlsafe_b64encode(
     json.dumps({"name": "auth0.js", "version": "9.28.0"}).encode()).decode().rstrip("=")
 MAX_REDIRECTS = 10            # bound on the callback's redirect chain
-LOGIN_STEP_TIMEOUT = 30.0     # seconds, the most any one login request may take
+LOGIN_STEP_TIMEOUT = 30.0     # seconds a login step may take to connect or to get a pooled connection
 # RFC 9110 §15.4: the redirect statuses that carry a Location.
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
@@ -118,7 +118,7 @@ async def _authorize(client: httpx.AsyncClient, issuer: str, config: _LoginConfi
               "nonce": nonce, "state": state, "login_ticket": ticket, "realm": REALM,
               "auth0Client": AUTH0_CLIENT}
     response = await _fetch(client, "GET", f"{issuer}/authorize", params=params,
-                            headers=_browser_headers(), read_body=False)
+                            headers=_browser_headers())
     location = response.headers.get("location")
     if response.status_code not in REDIRECT_STATUSES or not location:
         raise LoginError(f"login failed: authorize answered {response.status_code} without a redirect")
@@ -143,7 +143,7 @@ async def _follow_callback(client: httpx.AsyncClient, url: httpx.URL, nonce: str
         headers = _browser_headers(accept="text/html,application/xhtml+xml,*/*;q=0.8")
         if jars.get(url.host):
             headers["cookie"] = "; ".join(f"{k}={v}" for k, v in jars[url.host].items())
-        response = await _fetch(client, "GET", url, headers=headers, read_body=False)
+        response = await _fetch(client, "GET", url, headers=headers)
         jar = jars.setdefault(url.host, {})
         for name, value in set_cookies(response).items():
             if value:
@@ -165,14 +165,19 @@ async def _follow_callback(client: httpx.AsyncClient, url: httpx.URL, nonce: str
 
 
 def _login_timeouts(client: httpx.AsyncClient) -> dict[str, float | None]:
-    """The client's timeouts, capped for login steps; the login itself is never cancelled from
-    outside, since a task cancelled mid-write would break a shared HTTP/2 connection."""
-    return {name: min(value or LOGIN_STEP_TIMEOUT, LOGIN_STEP_TIMEOUT)
-            for name, value in client.timeout.as_dict().items()}
+    """The client's timeouts with connecting and pool waits capped for login steps.
+
+    Read and write keep the shared client's values: on a shared HTTP/2 connection a
+    read or write timeout (like a cancellation mid-write) fails every stream on it.
+    """
+    timeouts = client.timeout.as_dict()
+    for name in ("connect", "pool"):
+        timeouts[name] = min(timeouts[name] or LOGIN_STEP_TIMEOUT, LOGIN_STEP_TIMEOUT)
+    return timeouts
 
 
-async def _fetch(client: httpx.AsyncClient, method: str, url: str | httpx.URL, *,
-                 read_body: bool = True, **kwargs) -> httpx.Response:
+async def _fetch(client: httpx.AsyncClient, method: str, url: str | httpx.URL,
+                 **kwargs) -> httpx.Response:
     """Send one request with no redirects and no shared cookies, mapping transport errors to LoginError."""
     try:
         # httpx.Request (not client.build_request) so the shared jar's cookies are not merged in.
@@ -185,8 +190,9 @@ async def _fetch(client: httpx.AsyncClient, method: str, url: str | httpx.URL, *
         response = await client.send(request, stream=True, follow_redirects=False)
         _forget_cookies(client, response)
         try:
-            if read_body:
-                await response.aread()
+            # Always read the (small) body: an HTTP/2 stream abandoned early is never
+            # reset by httpcore and keeps the connection's flow-control window.
+            await response.aread()
         finally:
             await response.aclose()
     except httpx.RequestError as exc:

@@ -12,6 +12,7 @@ import os
 import random
 import tempfile
 import time
+import traceback
 from typing import Awaitable, Callable
 
 import httpx
@@ -24,6 +25,7 @@ log = logging.getLogger("sambaproxy.auth")
 MAX_RETRY_AFTER = 86400.0     # a Retry-After longer than a day is not believed
 CACHE_FILE_MAX_BYTES = 65536
 CACHE_FILE_VERSION = 1
+LOGIN_WAIT = 90.0             # seconds a request waits for a login in flight before its 503
 
 
 class TokenUnavailable(Exception):
@@ -115,10 +117,12 @@ class TokenManager:
         self._inflight: asyncio.Task | None = None
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._trust_until_rejected = False
         if env_token:
             now = clock()
             exp = jwt_expiry(env_token)
             self._set_token(env_token, exp if exp is not None else now + cache_time, now, "env")
+            self._trust_until_rejected = exp is None and not self.has_credentials
 
     # -- the request path ---------------------------------------------------
 
@@ -134,6 +138,7 @@ class TokenManager:
         if token == self._token and self._expires_at > self._clock():
             log.info("upstream rejected the %s token; it is no longer used", self._source)
             self._expires_at = self._clock()
+            self._trust_until_rejected = False
         return await self.get_token()
 
     # -- life cycle -----------------------------------------------------------
@@ -191,8 +196,10 @@ class TokenManager:
         }
 
     def _status(self) -> str:
+        if self._inflight is not None:
+            return "refreshing"  # a login is under way, whether or not a token is still valid
         if self._valid_token() is not None:
-            return "refreshing" if self._inflight is not None else "active"
+            return "active"
         if self._failures:
             return "error"
         return "expired" if self._token is not None else "not_available"
@@ -205,7 +212,15 @@ class TokenManager:
     # -- logins ---------------------------------------------------------------
 
     def _valid_token(self) -> str | None:
-        if self._token is not None and self._clock() < self._expires_at:
+        if self._token is None:
+            return None
+        now = self._clock()
+        if now < self._expires_at:
+            return self._token
+        if self._trust_until_rejected:
+            # SPEC: SAMBA_ACCESS_TOKEN is used until upstream rejects it; with nothing to
+            # replace it and no JWT exp, its local trust is simply renewed.
+            self._expires_at = now + self._cache_time
             return self._token
         return None
 
@@ -218,8 +233,15 @@ class TokenManager:
             if wait > 0:
                 raise TokenUnavailable(f"{self._last_error} (next login attempt in {math.ceil(wait)}s)")
             self._inflight = asyncio.create_task(self._login_once(), name="sambaproxy-login")
-        # shield: a caller that goes away must not cancel the login the others wait for.
-        token = await asyncio.shield(self._inflight)
+        # asyncio.wait never cancels the login the others wait for (nor swallows this
+        # caller's own cancellation, as wait_for can on 3.11); a request waits at most
+        # LOGIN_WAIT, then gets a clear 503.
+        login = self._inflight
+        done, _ = await asyncio.wait((login,), timeout=LOGIN_WAIT)
+        if not done:
+            raise TokenUnavailable(f"the SambaNova login is still running after {LOGIN_WAIT:g}s; "
+                                   "try again shortly")
+        token = login.result()
         if token is None:
             raise TokenUnavailable(self._last_error or "login failed")
         return token
@@ -251,7 +273,10 @@ class TokenManager:
             self._record_failure(str(exc), exc.retry_after)
             return None
         except Exception as exc:  # a bug or an unexpected library error: back off, keep serving
-            self._record_failure(f"login failed: {type(exc).__name__}", None)
+            # Where it was raised, not its message: messages may quote a URL with the ticket.
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
+            self._record_failure(f"login failed: {type(exc).__name__} at {where}", None)
             return None
         finally:
             self._inflight = None

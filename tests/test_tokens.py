@@ -167,7 +167,7 @@ async def test_start_does_not_wait_for_the_login(make):
     await asyncio.wait_for(manager.start(), 0.5)
     await fake.wait_calls(1)
     info = manager.info()
-    assert info["token_status"] == "not_available" and info["login_in_progress"]
+    assert info["token_status"] == "refreshing" and info["login_in_progress"]
     assert info["token_expires_in"] == 0
     fake.release()
     assert await asyncio.wait_for(manager.get_token(), 1.0) == fake.issued[0]
@@ -202,7 +202,7 @@ async def test_thirty_concurrent_rejections_of_one_token_cause_one_login(make):
     fake.hold()
     waiters = [asyncio.create_task(manager.token_rejected(old)) for _ in range(30)]
     await fake.wait_calls(2)
-    assert manager.info()["token_status"] == "expired"
+    assert manager.info()["token_status"] == "refreshing"
     fake.release()
     tokens = await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
     assert tokens == [fake.issued[1]] * 30 and fake.issued[1] != old
@@ -221,6 +221,30 @@ async def test_rejected_env_token_without_credentials_is_unavailable(make):
         await manager.token_rejected("env-token-abc123")
     assert fake.calls == 0
     assert manager.info()["token_status"] == "expired"
+
+
+async def test_env_token_without_exp_or_credentials_is_trusted_until_rejected(make, clock):
+    fake = FakeLogin()
+    manager = make(fake, email=None, password=None, env_token="env-token-long-lived", cache_time=100.0)
+    await manager.start()
+    clock.now += 1000.0  # ten cache times later: nothing could replace it, so it stays in use
+    assert await manager.get_token() == "env-token-long-lived"
+    assert manager.info()["token_status"] == "active" and manager.info()["token_expires_in"] > 0
+    with pytest.raises(TokenUnavailable):
+        await manager.token_rejected("env-token-long-lived")
+    assert fake.calls == 0
+
+
+async def test_a_request_waits_a_bounded_time_for_a_slow_login(make, monkeypatch):
+    monkeypatch.setattr(tokens, "LOGIN_WAIT", 0.05)
+    fake = FakeLogin()
+    fake.hold()
+    manager = make(fake)
+    with pytest.raises(TokenUnavailable, match="still running"):
+        await asyncio.wait_for(manager.get_token(), 5.0)
+    fake.release()
+    assert await asyncio.wait_for(manager.get_token(), 5.0) == fake.issued[0]
+    assert fake.calls == 1
 
 
 async def test_rejected_env_token_with_credentials_is_replaced_by_a_login(make):
@@ -370,7 +394,7 @@ async def test_unexpected_login_exception_backs_off(make, clock):
     manager = make(fake)
     await manager.start()
     await clock.until_sleeping()
-    assert manager.info()["last_error"] == "login failed: RuntimeError"
+    assert manager.info()["last_error"] == "login failed: RuntimeError at test_tokens.py:121"
 
 
 async def test_aclose_stops_the_background_task(make):
