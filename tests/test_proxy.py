@@ -425,12 +425,14 @@ async def test_no_secret_reaches_logs_or_answers_at_debug_level(fake, start_prox
 # --- token lifecycle and routes (issue 3) ------------------------------------------------
 
 async def test_refresh_before_expiry_loses_no_request_while_streams_run(start_proxy):
-    fake = FakeSamba(email=EMAIL, password=PASSWORD, token_ttl=2.0)
+    # The refresh comes 2 s before expiry, so a slow machine cannot make the old
+    # token expire between the proxy reading it and the fake checking it.
+    fake = FakeSamba(email=EMAIL, password=PASSWORD, token_ttl=4.0)
     await fake.start()
     try:
-        app = await start_proxy(fake, TOKEN_REFRESH_MARGIN="1.2")
+        app = await start_proxy(fake, TOKEN_REFRESH_MARGIN="2")
         await fake.wait_for(lambda f: f.logins == 1)
-        fake.default_reply = Reply(text=" ".join(["tok"] * 15), delay=0.1)
+        fake.default_reply = Reply(text=" ".join(["tok"] * 25), delay=0.1)
         body = {**HELLO, "stream": True}
         async with httpx.AsyncClient(timeout=20) as client:
             post = lambda: client.post(f"{app.url}/v1/chat/completions", headers=AUTH, json=body)
