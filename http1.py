@@ -126,10 +126,6 @@ class H11Driver:
         """True when no handler runs."""
         return self.task is None
 
-    def tasks(self) -> list[asyncio.Task]:
-        """The running handler task, if any."""
-        return [self.task] if self.task else []
-
     def check_starved(self, cutoff: float) -> None:
         """HTTP/1.1 has no flow control of its own: a stalled client shows as a paused transport."""
         return None
@@ -203,7 +199,7 @@ class H11Driver:
         request = Request(method, path, query, self._headers, body, event.http_version.decode("ascii"))
         self._event, self._chunks = None, []
         self.responder = H11Responder(self, method == "HEAD")
-        self.task = self.server.loop.create_task(self.server.run(request, self.responder))
+        self.task = self.server.spawn(self.server.run(request, self.responder))
 
     def cycle_done(self) -> None:
         """Let h11's state decide between keep-alive and close (RFC 9112 §9.3)."""

@@ -183,10 +183,6 @@ class H2Driver:
         """True when no handler runs: a stream whose upload stopped half-way does not keep us open."""
         return not any(stream.task is not None for stream in self.streams.values())
 
-    def tasks(self) -> list[asyncio.Task]:
-        """The running handler tasks."""
-        return [s.task for s in self.streams.values() if s.task is not None]
-
     def check_starved(self, cutoff: float) -> float | None:
         """Give up on writes starved of flow-control window since before `cutoff`.
 
@@ -290,7 +286,7 @@ class H2Driver:
         if not stream.rejected:
             stream.request.body = b"".join(stream._chunks)
             stream._chunks = []
-            stream.task = self.server.loop.create_task(self.server.run(stream.request, stream))
+            stream.task = self.server.spawn(self.server.run(stream.request, stream))
 
     def _window_updated(self, stream_id: int) -> None:
         """Wake the writers the new window concerns (stream 0: all of them)."""
@@ -326,7 +322,7 @@ class H2Driver:
         stream.rejected = True
         stream._chunks = []
         body = self.server.error_body(status, message, "invalid_request_error", code)
-        stream.task = self.server.loop.create_task(self._send_error(stream, status, body))
+        stream.task = self.server.spawn(self._send_error(stream, status, body))
 
     async def _send_error(self, stream: H2Responder, status: int, body: bytes) -> None:
         """Send a driver-made error response on `stream`."""

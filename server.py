@@ -158,10 +158,6 @@ class Connection(asyncio.Protocol):
         else:
             self.transport.close()
 
-    def tasks(self) -> list[asyncio.Task]:
-        """Handler tasks running on this connection."""
-        return self.driver.tasks() if self.driver is not None else []
-
     def shutdown(self) -> None:
         """Begin a graceful close: idle connections close now, busy ones after their requests."""
         if self.driver is None:
@@ -190,6 +186,7 @@ class Server:
         self.error_body = error_body or default_error_body
         self.closing = False
         self.connections: set[Connection] = set()
+        self.tasks: set[asyncio.Task] = set()  # running handlers, of every connection
         self.connections_accepted = 0
         self.sockets: tuple = ()
         self.port = 0
@@ -213,13 +210,20 @@ class Server:
             self._server.close()
         for conn in list(self.connections):
             conn.shutdown()
-        tasks = [task for conn in list(self.connections) for task in conn.tasks()]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
-            for task in pending:
+        # Handlers can start during the grace period (an HTTP/2 upload that completes): each
+        # round waits for the ones running now, so late ones are waited for, then cancelled, too.
+        deadline = self.loop.time() + grace
+        while self.tasks and (remaining := deadline - self.loop.time()) > 0:
+            await asyncio.wait(set(self.tasks), timeout=remaining)
+        cancelled: set[asyncio.Task] = set()
+        for _ in range(3):  # bounded: a handler may ignore its cancellation
+            fresh = self.tasks - cancelled
+            if not fresh:
+                break
+            for task in fresh:
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
+            cancelled |= fresh
+            await asyncio.wait(set(self.tasks), timeout=1.0)
         for conn in list(self.connections):
             conn.close()
         if self._server is not None:
@@ -227,6 +231,13 @@ class Server:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             except asyncio.TimeoutError:
                 log.debug("some connections were still closing at shutdown")
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run a handler coroutine as a task that shutdown() waits for, then cancels."""
+        task = self.loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     def date(self) -> str:
         """The Date field value (RFC 9110 §6.6.1), formatted once per second."""

@@ -41,6 +41,8 @@ class App:
         self.write_raised = asyncio.Event()
         self.finished = asyncio.Event()
         self.cancelled = False
+        self.held = asyncio.Event()
+        self.hold_cancelled = False
         self.idle_writes = []
         self.max_buffered = 0
 
@@ -132,6 +134,15 @@ class App:
             self.cancelled = True
             raise
         await responder.send(200, [], b"done")
+
+    async def do_hold(self, request, responder):
+        # Holds until cancelled (bounded).
+        self.held.set()
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), WAIT)
+        except asyncio.CancelledError:
+            self.hold_cancelled = True
+            raise
 
     async def do_raise(self, request, responder):
         raise RuntimeError("boom")
@@ -315,7 +326,7 @@ async def test_client_leaving_before_the_answer_is_not_an_error(connect, server,
     writer.close()
     await asyncio.wait_for(app.finished.wait(), WAIT)  # set in the step that ends the handler...
     assert app.gone_count == 1  # ...and in which the server then decides what to log
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.name.startswith("sambaproxy") and r.levelno >= logging.WARNING]
 
 
 # HTTP/1.1 with raw bytes
@@ -598,7 +609,7 @@ async def test_handler_exception_is_logged_without_its_message(connect, server, 
     writer.write(b"GET /bad-header HTTP/1.1\r\nHost: x\r\n\r\n")
     await read_to_eof(reader)  # the response had started: the connection is closed
     assert SECRET not in caplog.text
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    errors = [r for r in caplog.records if r.name.startswith("sambaproxy") and r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "handler failed on GET /bad-header: LocalProtocolError" in errors[0].getMessage()
     assert "do_bad_header" in errors[0].getMessage()  # the stack is kept
 
@@ -692,3 +703,19 @@ async def test_shutdown_h2_refuses_new_streams_then_goaway(connect, server, app)
     assert [e.data for e in events if isinstance(e, h2.events.DataReceived)] == [b"done"]
     assert any(isinstance(e, h2.events.StreamEnded) and e.stream_id == first for e in events)
     await asyncio.wait_for(stopping, WAIT)
+
+
+async def test_shutdown_cancels_a_handler_that_started_during_grace(connect, server, app):
+    client = RawH2(*await connect())
+    upload = client.request("POST", "/hold", end_stream=False)  # headers in, body not yet
+    client.request("GET", "/wait")
+    await asyncio.wait_for(app.entered.wait(), WAIT)  # so the /hold stream is open too
+    stopping = asyncio.create_task(server.shutdown(grace=1.0))
+    late = client.request("GET", "/echo")
+    events = await client.until(lambda e: isinstance(e, h2.events.StreamReset))
+    assert (events[-1].stream_id, events[-1].error_code) == (late, ErrorCodes.REFUSED_STREAM)  # shutting down
+    client.conn.end_stream(upload)  # the upload completes during the grace period: its handler starts
+    client.flush()
+    await asyncio.wait_for(app.held.wait(), WAIT)
+    await asyncio.wait_for(stopping, WAIT)
+    assert app.cancelled and app.hold_cancelled and not server.tasks
