@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ import httpx
 from config import Config, ConfigError, load_config
 from server import ClientGone, Request, Responder, Server
 from sse import (KEEPALIVE, CompletionAggregator, RequestError, SSEDecoder, StreamRelay,
-                 UpstreamStreamError, error_frame, openai_error, parse_chat_request, wants_stream,
+                 UpstreamStreamError, dumps, error_frame, openai_error, parse_chat_request, wants_stream,
                  wants_usage)
 from tokens import TokenManager
 from upstream import (AccountRoute, ApiKeyRoute, ModelCatalog, ProxyError, Upstream,
@@ -49,13 +48,8 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
 def error_body(status: int, message: str, type_: str | None = None, code: str | None = None,
                param: str | None = None) -> bytes:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    error = {"message": message, "type": type_ or STATUS_TYPES.get(status, "api_error"),
-             "param": param, "code": code}
-    return json.dumps({"error": error}).encode()
-
-
-def _json(data: object) -> bytes:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    return dumps({"error": openai_error(message, type_ or STATUS_TYPES.get(status, "api_error"),
+                                         param, code)})
 
 
 class KeepAlive:
@@ -306,22 +300,22 @@ class App:
         if not aggregator.done:
             raise ProxyError(502, "SambaNova ended the answer before [DONE]", "upstream_error",
                              "upstream_incomplete")
-        await responder.send(200, JSON_HEADERS, _json(aggregator.result()))
+        await responder.send(200, JSON_HEADERS, dumps(aggregator.result()))
 
     async def list_models(self, request: Request, responder: Responder) -> None:
         models = await self.catalog.models()
-        await responder.send(200, JSON_HEADERS, _json({"object": "list", "data": models}))
+        await responder.send(200, JSON_HEADERS, dumps({"object": "list", "data": models}))
 
     async def get_model(self, request: Request, responder: Responder) -> None:
         model_id = urllib.parse.unquote(request.path.split("/models/", 1)[1])
         for model in await self.catalog.models():
             if model["id"] == model_id:
-                return await responder.send(200, JSON_HEADERS, _json(model))
+                return await responder.send(200, JSON_HEADERS, dumps(model))
         raise ProxyError(404, f"The model '{model_id}' does not exist", "invalid_request_error",
                          "model_not_found", param="model")
 
     async def info(self, request: Request, responder: Responder) -> None:
-        await responder.send(200, JSON_HEADERS + [("cache-control", "no-store")], _json(self.info_dict()))
+        await responder.send(200, JSON_HEADERS + [("cache-control", "no-store")], dumps(self.info_dict()))
 
     def info_dict(self) -> dict:
         """Service state for /info and the status page; never a secret."""
@@ -357,7 +351,7 @@ class App:
     async def debug_token(self, request: Request, responder: Responder) -> None:
         if not self.config.debug_endpoints:
             raise ProxyError(404, f"no route for {request.path}", "invalid_request_error", "not_found")
-        await responder.send(200, JSON_HEADERS, _json(self.tokens.debug_info()))
+        await responder.send(200, JSON_HEADERS, dumps(self.tokens.debug_info()))
 
     def spawn(self, coro) -> None:
         """Run a fire-and-forget coroutine, keeping a reference until it ends."""

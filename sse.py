@@ -23,7 +23,7 @@ _MAX_ERROR_TEXT = 1000
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def _dumps(obj: object) -> bytes:
+def dumps(obj: object) -> bytes:
     """Compact UTF-8 JSON, used only when a chunk had to change."""
     return _encode_json(obj).encode()
 
@@ -143,7 +143,7 @@ def openai_error(message: str, type: str = "upstream_error",
 
 def error_frame(error: dict) -> bytes:
     """The final `data: {"error": ...}` event of a stream that failed after it began."""
-    return encode(_dumps({"error": error}))
+    return encode(dumps({"error": error}))
 
 
 def _text(value: object) -> str:
@@ -283,7 +283,7 @@ class StreamRelay(_ChunkReader):
             # SambaNova sends a float; OpenAI's schema (and strict clients) want an int.
             chunk["created"] = int(chunk["created"])
             changed = True
-        return encode(_dumps(chunk)) if changed else encode(data)
+        return encode(dumps(chunk)) if changed else encode(data)
 
     def finish(self) -> bytes:
         """The one terminal frame of every stream."""

@@ -20,8 +20,9 @@ import h2.exceptions
 import httpcore
 import httpx
 
+from auth import USER_AGENT, parse_retry_after
 from config import Config
-from sse import api_payload, new_fingerprint, samba_payload
+from sse import api_payload, dumps, new_fingerprint, samba_payload
 from tokens import TokenManager, TokenUnavailable
 
 log = logging.getLogger("sambaproxy.upstream")
@@ -31,8 +32,7 @@ BROWSER_HEADERS = {
     "content-type": "application/json",
     "origin": "https://cloud.sambanova.ai",
     "referer": "https://cloud.sambanova.ai/",
-    "user-agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 "
-    "(KHTML, like Gecko) Chrome/131.0 Safari/537.36",
+    "user-agent": USER_AGENT,
 }
 RETRYABLE_STATUSES = frozenset((429, 502, 503, 504))
 ERROR_BODY_LIMIT = 65536
@@ -120,7 +120,7 @@ class AccountRoute:
         headers = dict(BROWSER_HEADERS, cookie=f"access_token={token}")
         payload = samba_payload(body, default_model=self.default_model,
                                 fingerprint=new_fingerprint(self.prefix))
-        return headers, _dumps(payload)
+        return headers, dumps(payload)
 
     async def rejected(self, token: str) -> None:
         try:
@@ -147,15 +147,11 @@ class ApiKeyRoute:
     def request_parts(self, body: dict, token: str) -> tuple[dict, bytes]:
         headers = {"accept": "text/event-stream", "content-type": "application/json",
                    "authorization": token}
-        return headers, _dumps(api_payload(body, default_model=self.default_model))
+        return headers, dumps(api_payload(body, default_model=self.default_model))
 
     async def rejected(self, token: str) -> None:
         raise ProxyError(502, "SambaNova rejected SAMBANOVA_API_KEY", "upstream_error",
                          "upstream_auth_failed")
-
-
-def _dumps(payload: dict) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class Upstream:
@@ -240,11 +236,9 @@ class Upstream:
                             route.name == "account")
 
     def _retry_delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after:
-            try:
-                return min(max(float(retry_after), 0.0), self.retry_after_cap)
-            except ValueError:
-                pass
+        seconds = parse_retry_after(retry_after)
+        if seconds is not None:
+            return min(seconds, self.retry_after_cap)
         base = self.retry_delays[attempt]
         return base * (0.5 + random.random())
 

@@ -38,7 +38,7 @@ def test_relay_forwards_unchanged_chunk_as_original_bytes(monkeypatch):
     # Spaces, key order and \u escapes would all change if the chunk were re-encoded.
     data = (b'{"object": "chat.completion.chunk", "id": "x", "created": 1732700000, '
             b'"choices": [{"delta": {"content": "caf\\u00e9 \xe2\x9c\x93"}, "index": 0}]}')
-    monkeypatch.setattr(sse, "_dumps", lambda obj: pytest.fail("re-encoded an unchanged chunk"))
+    monkeypatch.setattr(sse, "dumps", lambda obj: pytest.fail("re-encoded an unchanged chunk"))
     frame = StreamRelay(include_usage=False).relay("message", data)
     assert frame == b"data: " + data + b"\n\n"
     assert frame[6:-2] == data
