@@ -21,7 +21,7 @@ import urllib.parse
 import httpx
 
 from config import Config, ConfigError, load_config
-from server import ClientGone, Request, Responder, Server
+from server import Request, Responder, Server
 from sse import (KEEPALIVE, CompletionAggregator, RequestError, SSEDecoder, StreamRelay,
                  UpstreamStreamError, dumps, error_frame, openai_error, parse_chat_request, wants_stream,
                  wants_usage)
@@ -169,8 +169,6 @@ class App:
         except ProxyError as exc:
             counters.errors += 1
             await self._send_error(responder, exc)
-        except ClientGone:
-            log.debug("client left during %s %s", request.method, request.path)
         finally:
             counters.active -= 1
 

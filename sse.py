@@ -99,9 +99,9 @@ class SSEDecoder:
                     events.append((event, b"\n".join(data)))
                     data.clear()
                 self._event = b""
-            elif line[:6] == b"data: ":
+            elif line.startswith(b"data: "):
                 data.append(line[6:])
-            elif line[:5] == b"data:":
+            elif line.startswith(b"data:"):
                 data.append(line[5:])
             elif line[:1] != b":":  # a leading colon is a comment
                 name, _, value = line.partition(b":")
