@@ -1,6 +1,6 @@
 # sambaproxy: an OpenAI-compatible gateway to SambaNova Cloud.
 #   docker build -t sambaproxy .
-#   docker run -p 6666:6666 --env-file .env -v sambaproxy-token:/data sambaproxy
+#   docker run -p 8666:8666 --env-file .env -v sambaproxy-token:/data sambaproxy
 #
 # Two stages: the builder installs the pinned, pure-Python dependencies into a
 # venv; the final stage is distroless Python (no shell, no package manager) and
@@ -37,17 +37,17 @@ COPY *.py status.html /app/
 # fails the build if the app cannot even be imported.
 RUN ["/usr/bin/python3", "-c", "import sambaproxy, ssl, urllib.request"]
 ENV HOST=0.0.0.0 \
-    PORT=6666 \
+    PORT=8666 \
     TOKEN_CACHE_FILE=/data/token.json \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 1001:1001
 VOLUME ["/data"]
-EXPOSE 6666
+EXPOSE 8666
 # No shell or curl in this image: the interpreter itself asks /info, bypassing
 # any HTTP(S)_PROXY meant for upstream, over HTTPS when TLS is configured.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-  CMD ["/usr/bin/python3", "-c", "import os,ssl,urllib.request as u; s='https' if os.environ.get('TLS_CERT_FILE') else 'http'; u.build_opener(u.ProxyHandler({}), u.HTTPSHandler(context=ssl._create_unverified_context())).open('%s://127.0.0.1:%s/info' % (s, os.environ.get('PORT', '6666')), timeout=3)"]
+  CMD ["/usr/bin/python3", "-c", "import os,ssl,urllib.request as u; s='https' if os.environ.get('TLS_CERT_FILE') else 'http'; u.build_opener(u.ProxyHandler({}), u.HTTPSHandler(context=ssl._create_unverified_context())).open('%s://127.0.0.1:%s/info' % (s, os.environ.get('PORT', '8666')), timeout=3)"]
 # The app handles SIGTERM itself (graceful stop), so it can run as PID 1.
 ENTRYPOINT ["/usr/bin/python3", "/app/sambaproxy.py"]
 CMD []

@@ -66,6 +66,39 @@ def _log_level(text: str) -> str:
     return lowered
 
 
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        lowered = text.strip().lower()
+        if lowered not in options:
+            raise ValueError("must be one of " + ", ".join(options))
+        return lowered
+    return parse
+
+
+def _origins(text: str) -> tuple[str, ...] | None:
+    """CORS origins; None (unset) means the default that depends on LOCAL_API_KEY."""
+    if not text.strip():
+        return None
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise ValueError("must be * or comma-separated origins such as https://chat.example.com")
+    return origins
+
+
+def _aliases(text: str) -> tuple[tuple[str, str], ...]:
+    """`alias=Target,...` pairs, in the order given."""
+    pairs = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        alias, sep, target = item.partition("=")
+        if not sep or not alias.strip() or not target.strip():
+            raise ValueError("must be alias=Target pairs separated by commas")
+        pairs.append((alias.strip(), target.strip()))
+    return tuple(pairs)
+
+
 def _key_list(text: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in text.split(",") if key.strip())
 
@@ -112,7 +145,7 @@ SETTINGS = (
     Setting("SAMBA_MODELS_URL", "https://api.sambanova.ai/v1/models", _url, "upstream model list"),
     Setting("SAMBA_CONFIG_URL", "https://cloud.sambanova.ai/api/config", _url, "login configuration endpoint"),
     Setting("HOST", "0.0.0.0", str, "listen address"),
-    Setting("PORT", "6666", _port, "listen port"),
+    Setting("PORT", "8666", _port, "listen port"),
     Setting("TLS_CERT_FILE", "", _optional, "certificate file: serve HTTPS with h2 and http/1.1 by ALPN"),
     Setting("TLS_KEY_FILE", "", _optional, "private key file for TLS_CERT_FILE"),
     Setting("UPSTREAM_MAX_CONNECTIONS", "50", _positive_int, "outbound connection pool size"),
@@ -123,6 +156,19 @@ SETTINGS = (
     Setting("MAX_BODY_BYTES", "33554432", _positive_int, "largest accepted request body"),
     Setting("DEBUG_ENDPOINTS", "1", _flag, "0 makes /debug/token answer 404"),
     Setting("LOG_LEVEL", "info", _log_level, "debug, info, warning or error"),
+    Setting("LOG_FORMAT", "text", _choice("text", "json"), "text, or json: one JSON object per line"),
+    Setting("METRICS_PUBLIC", "0", _flag, "1 serves /metrics without the client key"),
+    Setting("CORS_ORIGINS", "", _origins, "origins allowed from browsers, comma-separated or *; "
+            "unset: * with a LOCAL_API_KEY, loopback origins without"),
+    Setting("MAX_CONNECTIONS", "1024", _positive_int, "open client connections; more are closed at accept"),
+    Setting("MAX_CONCURRENT_REQUESTS", "256", _positive_int, "requests handled at once; beyond it 503"),
+    Setting("MAX_BUFFERED_BYTES", "67108864", _positive_int, "request-body bytes buffered at once across all clients"),
+    Setting("HEADER_TIMEOUT", "10", _positive_float, "seconds a client has to send a whole request head"),
+    Setting("LOGIN_TIMEOUT", "60", _positive_float, "seconds one whole login may take"),
+    Setting("REASONING_FORMAT", "parsed", _choice("parsed", "raw", "hidden"), "where thinking goes: parsed, raw or hidden"),
+    Setting("REASONING_MODELS", "", _key_list, "patterns of models whose answers begin inside a thinking block"),
+    Setting("MODEL_ALIASES", "", _aliases, "alias=Target,... names clients may use for upstream models"),
+    Setting("RESPONSES_STORE_SIZE", "1000", _positive_int, "Responses API objects kept in memory"),
 )
 
 SETTING_NAMES = frozenset(s.name for s in SETTINGS)
@@ -146,7 +192,7 @@ class Config:
     samba_models_url: str = "https://api.sambanova.ai/v1/models"
     samba_config_url: str = "https://cloud.sambanova.ai/api/config"
     host: str = "0.0.0.0"
-    port: int = 6666
+    port: int = 8666
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     upstream_max_connections: int = 50
@@ -157,6 +203,18 @@ class Config:
     max_body_bytes: int = 33554432
     debug_endpoints: bool = True
     log_level: str = "info"
+    log_format: str = "text"
+    metrics_public: bool = False
+    cors_origins: tuple[str, ...] | None = None
+    max_connections: int = 1024
+    max_concurrent_requests: int = 256
+    max_buffered_bytes: int = 67108864
+    header_timeout: float = 10.0
+    login_timeout: float = 60.0
+    reasoning_format: str = "parsed"
+    reasoning_models: tuple[str, ...] = ()
+    model_aliases: tuple[tuple[str, str], ...] = ()
+    responses_store_size: int = 1000
 
     @property
     def has_credentials(self) -> bool:

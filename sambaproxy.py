@@ -22,12 +22,12 @@ import httpx
 
 from config import Config, ConfigError, load_config
 from server import Request, Responder, Server
-from sse import (KEEPALIVE, CompletionAggregator, RequestError, SSEDecoder, StreamRelay,
-                 UpstreamStreamError, dumps, error_frame, openai_error, parse_chat_request, wants_stream,
-                 wants_usage)
+from chat import RequestError, parse_chat_request, wants_stream, wants_usage
+from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
+from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, UpstreamStreamError,
+                 dumps, error_frame)
 from tokens import TokenManager
-from upstream import (AccountRoute, ApiKeyRoute, ModelCatalog, ProxyError, Upstream,
-                      make_client, stop_upstream)
+from upstream import AccountRoute, ApiKeyRoute, ModelCatalog, Upstream, make_client, stop_upstream
 
 __version__ = "0.1.0"
 
@@ -39,17 +39,6 @@ SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
                ("cache-control", "no-cache"), ("x-accel-buffering", "no"), CORS_ORIGIN]
 PREFLIGHT_ALLOW = "authorization, content-type"
 NOISY_LOGGERS = ("httpx", "httpcore", "hpack", "h2", "h11")
-STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
-                404: "invalid_request_error", 405: "invalid_request_error",
-                413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-                502: "upstream_error", 503: "service_unavailable", 504: "timeout"}
-
-
-def error_body(status: int, message: str, type_: str | None = None, code: str | None = None,
-               param: str | None = None) -> bytes:
-    """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
-    return dumps({"error": openai_error(message, type_ or STATUS_TYPES.get(status, "api_error"),
-                                         param, code)})
 
 
 class KeepAlive:
@@ -261,8 +250,7 @@ class App:
                     frames.clear()
                 if responder.gone:
                     return
-            tail = relay.finish() if relay.done else error_frame(openai_error(
-                "SambaNova ended the stream before [DONE]", "upstream_error", code="upstream_incomplete"))
+            tail = relay.finish() if relay.done else error_frame(incomplete_failure().error())
         except UpstreamStreamError as exc:
             tail = b"".join(frames) + error_frame(exc.error)  # the events before the error still count
         except httpx.HTTPError as exc:
@@ -285,19 +273,13 @@ class App:
                 if responder.gone:
                     return
         except UpstreamStreamError as exc:
-            raise ProxyError(502, f"SambaNova failed mid-answer: {exc.error.get('message')}",
-                             "upstream_error", exc.error.get("code") or "upstream_error") from None
-        except httpx.TimeoutException:
-            raise ProxyError(504, "SambaNova went silent past UPSTREAM_READ_TIMEOUT", "timeout",
-                             "upstream_timeout") from None
+            raise stream_error_failure(exc.error) from None
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
-            raise ProxyError(502, f"SambaNova connection lost mid-answer ({type(exc).__name__})",
-                             "upstream_error", "upstream_disconnected") from None
+            raise answer_failure(exc) from None
         if not aggregator.done:
-            raise ProxyError(502, "SambaNova ended the answer before [DONE]", "upstream_error",
-                             "upstream_incomplete")
+            raise incomplete_failure()
         await responder.send(200, JSON_HEADERS, dumps(aggregator.result()))
 
     async def list_models(self, request: Request, responder: Responder) -> None:
@@ -360,12 +342,10 @@ class App:
 
 def _stream_failure(exc: httpx.HTTPError) -> bytes:
     """The last event of a stream whose upstream failed after the 200 was sent."""
-    if isinstance(exc, httpx.TimeoutException):
-        return error_frame(openai_error("SambaNova went silent past UPSTREAM_READ_TIMEOUT",
-                                        "timeout", code="upstream_timeout"))
-    log.warning("upstream stream failed: %s", type(exc).__name__)
-    return error_frame(openai_error(f"SambaNova connection lost mid-stream ({type(exc).__name__})",
-                                    code="upstream_disconnected"))
+    failure = answer_failure(exc)
+    if failure.status != 504:
+        log.warning("upstream stream failed: %s", type(exc).__name__)
+    return error_frame(failure.error())
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:

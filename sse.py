@@ -1,8 +1,8 @@
 """Sans-IO Server-Sent Events and OpenAI chat-completion transforms for sambaproxy.
 
 No sockets, no event loop: the decoder turns bytes into events, the relay turns events
-into client frames, the aggregator into one completion; the request helpers validate a
-client body and build the upstream payload. Tested with byte strings
+into client frames, the aggregator into one completion (chat.py validates requests and
+builds upstream payloads). Tested with byte strings
 (tests/test_sse_decoder.py, tests/test_sse_relay.py).
 """
 from __future__ import annotations
@@ -116,15 +116,6 @@ class SSEDecoder:
 
 
 # --- errors ------------------------------------------------------------------------
-
-
-class RequestError(Exception):
-    """A client body the proxy refuses with 400 invalid_request_error."""
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
 
 
 class UpstreamStreamError(Exception):
@@ -426,105 +417,3 @@ class CompletionAggregator(_ChunkReader):
         completion["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
                                **(self._usage or {})}
         return completion
-
-
-# --- requests ----------------------------------------------------------------------
-
-
-def parse_chat_request(raw: bytes) -> dict:
-    """Parse a chat completion body, refusing what upstream would fail on less clearly."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise RequestError("We could not parse the JSON body of your request: "
-                           "expected a JSON object.") from None
-    if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object.")
-    if "messages" not in body:
-        raise RequestError("Missing required parameter: 'messages'.", "messages")
-    messages = body["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty array of message objects.", "messages")
-    for i, message in enumerate(messages):
-        _check_message(i, message)
-    _check_type(body, "model", str, "a string")
-    _check_type(body, "stream", bool, "a boolean")
-    _check_type(body, "stream_options", dict, "an object")
-    return body
-
-
-def _check_message(i: int, message: object) -> None:
-    """Refuse a message item that is not an object with a string role and usable content."""
-    where = f"messages[{i}]"
-    if not isinstance(message, dict):
-        raise RequestError(f"Invalid type for '{where}': expected an object.", where)
-    if not isinstance(message.get("role"), str):
-        what = "Missing required parameter" if "role" not in message else "Invalid type for"
-        raise RequestError(f"{what}: '{where}.role' (a string).", f"{where}.role")
-    if "content" not in message:
-        # Assistant turns that only call tools carry no content.
-        if message["role"] != "assistant":
-            raise RequestError(f"Missing required parameter: '{where}.content'.", f"{where}.content")
-    elif not (message["content"] is None or isinstance(message["content"], (str, list))):
-        raise RequestError(f"Invalid type for '{where}.content': expected a string, "
-                           "an array of content parts, or null.", f"{where}.content")
-    elif isinstance(message["content"], list):
-        for j, part in enumerate(message["content"]):
-            if not isinstance(part, dict):
-                raise RequestError(f"Invalid type for '{where}.content[{j}]': expected an object.",
-                                   f"{where}.content[{j}]")
-    if message.get("tool_calls") is not None and not isinstance(message["tool_calls"], list):
-        raise RequestError(f"Invalid type for '{where}.tool_calls': expected an array.",
-                           f"{where}.tool_calls")
-
-
-def _check_type(body: dict, key: str, kind: type, name: str) -> None:
-    """Refuse an optional top-level field of the wrong JSON type (null counts as absent)."""
-    value = body.get(key)
-    if value is not None and not isinstance(value, kind):
-        raise RequestError(f"Invalid type for '{key}': expected {name}.", key)
-
-
-def wants_stream(body: dict) -> bool:
-    """Whether the client asked for an event stream (stream: true)."""
-    return body.get("stream") is True
-
-
-def wants_usage(body: dict) -> bool:
-    """Whether a streaming client asked for the usage chunk (stream_options.include_usage)."""
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def _upstream_body(body: dict, default_model: str) -> dict:
-    """The client's body with streaming and usage forced on; every other parameter unchanged."""
-    options = body.get("stream_options")
-    return {**body, "model": body.get("model") or default_model, "stream": True,
-            "stream_options": {**(options if isinstance(options, dict) else {}),
-                               "include_usage": True}}
-
-
-def samba_payload(body: dict, *, default_model: str, fingerprint: str) -> dict:
-    """The playground completion endpoint's envelope around the client's body (UPSTREAM.md)."""
-    inner = _upstream_body(body, default_model)
-    return {"body": inner, "env_type": env_type(inner["model"]), "fingerprint": fingerprint}
-
-
-def api_payload(body: dict, *, default_model: str) -> dict:
-    """The official OpenAI-compatible API takes the body itself, streaming forced."""
-    return _upstream_body(body, default_model)
-
-
-def env_type(model: str) -> str:
-    """The playground's env_type: public clients pick it from the model id."""
-    lowered = model.lower()
-    if "vision" in lowered:
-        return "vision"
-    if "audio" in lowered or "whisper" in lowered:
-        return "audio"
-    return "text"
-
-
-def new_fingerprint(prefix: str) -> str:
-    """A fresh per-request fingerprint: the prefix and 32 random hex digits."""
-    return prefix + secrets.token_hex(16)

@@ -22,7 +22,9 @@ import httpx
 
 from auth import USER_AGENT, parse_retry_after
 from config import Config
-from sse import api_payload, dumps, new_fingerprint, samba_payload
+from chat import api_payload, new_fingerprint, samba_payload
+from errors import ProxyError, request_failure, status_failure
+from sse import dumps
 from tokens import TokenManager, TokenUnavailable
 
 log = logging.getLogger("sambaproxy.upstream")
@@ -34,7 +36,6 @@ BROWSER_HEADERS = {
     "referer": "https://cloud.sambanova.ai/",
     "user-agent": USER_AGENT,
 }
-RETRYABLE_STATUSES = frozenset((429, 502, 503, 504))
 ERROR_BODY_LIMIT = 65536
 KNOWN_MODELS = (
     "DeepSeek-R1",
@@ -78,23 +79,6 @@ def make_client(config: Config) -> httpx.AsyncClient:
                               read=config.upstream_read_timeout, write=config.upstream_read_timeout,
                               pool=config.upstream_connect_timeout),
     )
-
-
-class ProxyError(Exception):
-    """A failure with its client-facing status; the message is safe to show."""
-
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None,
-                 *, param: str | None = None, retry_after: str | None = None,
-                 retryable: bool = False, fallback: bool = False) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.code = code
-        self.param = param
-        self.retry_after = retry_after
-        self.retryable = retryable
-        self.fallback = fallback
 
 
 class AccountRoute:
@@ -214,25 +198,14 @@ class Upstream:
         request = self.client.build_request("POST", route.url, headers=headers, content=content)
         try:
             response = await self.client.send(request, stream=True)
-        except httpx.ConnectTimeout:
-            raise ProxyError(502, "SambaNova could not be reached (connect timeout)",
-                             "upstream_error", "upstream_unreachable", retryable=True) from None
-        except httpx.PoolTimeout:
-            raise ProxyError(503, "every upstream connection (UPSTREAM_MAX_CONNECTIONS) stayed busy",
-                             "service_unavailable", "upstream_pool_full") from None
-        except httpx.TimeoutException:
-            # Not retried: the client has already waited a whole UPSTREAM_READ_TIMEOUT.
-            raise ProxyError(504, "SambaNova did not answer within UPSTREAM_READ_TIMEOUT",
-                             "timeout", "upstream_timeout") from None
         except httpx.HTTPError as exc:
-            raise ProxyError(502, f"SambaNova could not be reached ({type(exc).__name__})",
-                             "upstream_error", "upstream_unreachable", retryable=True) from None
+            raise request_failure(exc) from None
         if response.status_code == 200:
             return response
         detail = await _read_error(response)
         if response.status_code in (401, 403):
             raise _Rejected()
-        raise _status_error(response.status_code, detail, response.headers.get("retry-after"),
+        raise status_failure(response.status_code, detail, response.headers.get("retry-after"),
                             route.name == "account")
 
     def _retry_delay(self, attempt: int, retry_after: str | None) -> float:
@@ -276,20 +249,6 @@ def _error_fields(raw: bytes) -> dict:
         return {"message": message and str(message)[:500], "type": error.get("type"),
                 "code": error.get("code")}
     return {"message": str(data.get("error_description") or error)[:500], "code": str(error)}
-
-
-def _status_error(status: int, detail: dict, retry_after: str | None, fallback: bool) -> ProxyError:
-    message = detail.get("message") or f"SambaNova answered HTTP {status}"
-    code = detail.get("code")
-    if status == 429:
-        return ProxyError(429, f"SambaNova rate limit: {message}", "rate_limit_error",
-                          code or "rate_limit_exceeded", retry_after=retry_after,
-                          retryable=True, fallback=fallback)
-    if status >= 500:
-        return ProxyError(502, f"SambaNova failed (HTTP {status}): {message}", "upstream_error",
-                          code or "bad_gateway", retryable=status in RETRYABLE_STATUSES,
-                          retry_after=retry_after)
-    return ProxyError(status, message, detail.get("type") or "invalid_request_error", code)
 
 
 class ModelCatalog:

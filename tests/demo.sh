@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 FAKE="http://127.0.0.1:${FAKE_PORT}"
 DEMO_EMAIL=demo@example.com
 DEMO_PASSWORD=demo-password
-PROXY="http://127.0.0.1:${PORT:-6666}"
+PROXY="http://127.0.0.1:${PORT:-8666}"
 
 "$PY" tests/fake_samba.py --host 127.0.0.1 --port "$FAKE_PORT" \
     --email "$DEMO_EMAIL" --password "$DEMO_PASSWORD" --delay 0.05 &

@@ -22,7 +22,7 @@ def write(tmp_path, text: str) -> str:
 
 def test_defaults_match_the_spec():
     config = Config.from_mapping({})
-    assert (config.host, config.port, config.token_cache_time) == ("0.0.0.0", 6666, 604800.0)
+    assert (config.host, config.port, config.token_cache_time) == ("0.0.0.0", 8666, 604800.0)
     assert config.default_model == "DeepSeek-R1" and config.max_body_bytes == 33554432
     assert config.sse_keepalive == 15.0 and config.debug_endpoints is True
     assert config.token_cache_file.endswith(os.path.join(".cache", "sambaproxy", "token.json"))

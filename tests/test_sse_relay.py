@@ -1,4 +1,4 @@
-"""sse.py's relay, aggregator, upstream errors and request rules, spoken in bytes."""
+"""sse.py's relay, aggregator and upstream errors, and chat.py's request rules, spoken in bytes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import re
 import pytest
 
 import sse
-from sse import (DONE, CompletionAggregator, RequestError, StreamRelay, UpstreamStreamError,
-                 api_payload, encode, env_type, new_fingerprint, parse_chat_request, samba_payload)
+from chat import RequestError, api_payload, env_type, new_fingerprint, parse_chat_request, samba_payload
+import chat
+from sse import DONE, CompletionAggregator, StreamRelay, UpstreamStreamError, encode
 from test_sse_decoder import decode_all
 
 
@@ -410,7 +411,7 @@ def test_parse_chat_request_accepts(messages):
     ({"stream": True, "stream_options": None}, True, False),
 ])
 def test_wants_stream_and_usage(body, stream, usage):
-    assert sse.wants_stream(body) is stream and sse.wants_usage(body) is usage
+    assert chat.wants_stream(body) is stream and chat.wants_usage(body) is usage
 
 
 CLIENT_BODY = {
