@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from http_common import (BODILESS, DRIVER_FIELDS, JSON, ClientGone, Request, Responder,
+from http_common import (BODILESS, DRIVER_FIELDS, JSON, ClientGone, Rejection, Request, Responder,
                          clean_headers, header_dict)
 
 if TYPE_CHECKING:
@@ -117,8 +117,7 @@ class H11Driver:
         self.task: asyncio.Task | None = None
         self.responder: H11Responder | None = None
         self.lingering = False
-        self._event: h11.Request | None = None
-        self._headers: dict[str, str] = {}
+        self._request: Request | None = None
         self._chunks: list[bytes] = []
         self._size = 0
 
@@ -170,13 +169,17 @@ class H11Driver:
             self.reject(status, reason, "bad_request")
 
     def _request_started(self, event: h11.Request) -> None:
-        """Check the declared size and answer Expect: 100-continue (RFC 9110 §10.1.1)."""
-        self._event = event
-        self._headers = header_dict(event.headers)
+        """Admit the head, check the declared size, answer Expect: 100-continue (RFC 9110 §10.1.1)."""
+        path, _, query = event.target.decode("latin-1").partition("?")
+        request = Request(event.method.decode("ascii"), path, query, header_dict(event.headers), b"",
+                          event.http_version.decode("ascii"))
+        self._request = request
         self._chunks = []
         self._size = 0
-        length = self._headers.get("content-length")
-        if length is not None and int(length) > self.server.max_body_bytes:
+        length = request.headers.get("content-length")
+        if (rejection := self.server.admit(request)) is not None:
+            self.answer_and_close(rejection)
+        elif length is not None and int(length) > self.server.max_body_bytes:
             self.reject(413, "Request body too large", "request_too_large")
         elif self.h11.they_are_waiting_for_100_continue:
             interim = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
@@ -192,13 +195,10 @@ class H11Driver:
 
     def _dispatch(self) -> None:
         """Start the handler task for the request just read."""
-        event = self._event
-        method = event.method.decode("ascii")
-        path, _, query = event.target.decode("latin-1").partition("?")
-        body = b"".join(self._chunks)
-        request = Request(method, path, query, self._headers, body, event.http_version.decode("ascii"))
-        self._event, self._chunks = None, []
-        self.responder = H11Responder(self, method == "HEAD")
+        request = self._request
+        request.body = b"".join(self._chunks)
+        self._request, self._chunks = None, []
+        self.responder = H11Responder(self, request.method == "HEAD")
         self.task = self.server.spawn(self.server.run(request, self.responder))
 
     def cycle_done(self) -> None:
@@ -227,13 +227,20 @@ class H11Driver:
         return out
 
     def reject(self, status: int, message: str, code: str) -> None:
-        """Answer an error while a response can still start, then close in stages."""
+        """Answer a driver-made error while a response can still start, then close in stages."""
+        body = self.server.error_body(status, message, "invalid_request_error", code)
+        self.answer_and_close(Rejection(status, list(JSON), body))
+
+    def answer_and_close(self, rejection: Rejection) -> None:
+        """Answer without reading the request body, then close in stages."""
         h = self.h11
         if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            body = self.server.error_body(status, message, "invalid_request_error", code)
-            fields = [*JSON, ("content-length", str(len(body))), ("connection", "close")]
+            status, body = rejection.status, rejection.body
+            fields = [*clean_headers(rejection.headers, DRIVER_FIELDS), ("date", self.server.date()),
+                      ("content-length", str(len(body))), ("connection", "close")]
             try:
-                out = h.send(h11.Response(status_code=status, headers=fields, reason=_REASONS[status]))
+                out = h.send(h11.Response(status_code=status, headers=fields,
+                                          reason=_REASONS.get(status, b"")))
                 out += h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
                 self.transport.write(out)
             except h11.LocalProtocolError:

@@ -25,7 +25,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 
-from http_common import (BODILESS, DRIVER_FIELDS, JSON, ClientGone, Request, Responder,
+from http_common import (BODILESS, DRIVER_FIELDS, JSON, ClientGone, Rejection, Request, Responder,
                          clean_headers, header_dict)
 
 if TYPE_CHECKING:
@@ -262,7 +262,9 @@ class H2Driver:
         request = Request(pseudo.get(b":method", b"").decode("ascii"), path, query, headers, b"", "2")
         stream = self.streams[event.stream_id] = H2Responder(self, event.stream_id, request)
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.server.max_body_bytes:
+        if (rejection := self.server.admit(request)) is not None:
+            self._answer(stream, rejection)
+        elif length.isdigit() and int(length) > self.server.max_body_bytes:
             self._reject(stream, 413, "Request body too large", "request_too_large")
 
     def _data_received(self, event: DataReceived) -> None:
@@ -318,16 +320,20 @@ class H2Driver:
             stream.wake()
 
     def _reject(self, stream: H2Responder, status: int, message: str, code: str) -> None:
-        """Answer an error on one stream without running the handler."""
+        """Answer a driver-made error on one stream without running the handler."""
+        body = self.server.error_body(status, message, "invalid_request_error", code)
+        self._answer(stream, Rejection(status, list(JSON), body))
+
+    def _answer(self, stream: H2Responder, rejection: Rejection) -> None:
+        """Answer one stream without running the handler; the rest of its upload is refused."""
         stream.rejected = True
         stream._chunks = []
-        body = self.server.error_body(status, message, "invalid_request_error", code)
-        stream.task = self.server.spawn(self._send_error(stream, status, body))
+        stream.task = self.server.spawn(self._send_rejection(stream, rejection))
 
-    async def _send_error(self, stream: H2Responder, status: int, body: bytes) -> None:
-        """Send a driver-made error response on `stream`."""
+    async def _send_rejection(self, stream: H2Responder, rejection: Rejection) -> None:
+        """Send a response decided without the handler on `stream`."""
         try:
-            await stream.send(status, JSON, body)
+            await stream.send(rejection.status, rejection.headers, rejection.body)
         finally:
             stream._finished()
 

@@ -31,6 +31,15 @@ class Request:
     http_version: str = "1.1"  # "1.0", "1.1" or "2"
 
 
+@dataclass(slots=True)
+class Rejection:
+    """An answer decided from the request head alone (client key, route, origin): no body byte is kept."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
 class ClientGone(Exception):
     """The client left (EOF, connection lost or RST_STREAM) before the response ended."""
 
@@ -136,3 +145,5 @@ class Responder:
 
 
 Handler = Callable[[Request, Responder], Awaitable[None]]
+# Called with the request head (body still empty) before any body byte is read.
+Admit = Callable[[Request], "Rejection | None"]

@@ -16,10 +16,12 @@ from typing import Callable
 
 from http1 import H11Driver
 from http2 import H2Driver
-from http_common import (  # noqa: F401  (Request, Responder, Handler: re-exported for the app)
+from http_common import (  # noqa: F401  (Request, Responder, Handler, Rejection: re-exported for the app)
     JSON,
+    Admit,
     ClientGone,
     Handler,
+    Rejection,
     Request,
     Responder,
     describe,
@@ -35,6 +37,11 @@ def default_error_body(status: int, message: str, type_: str, code: str | None) 
     """Build an OpenAI-shaped error body, for servers built without the app's own."""
     error = {"message": message, "type": type_, "param": None, "code": code}
     return json.dumps({"error": error}).encode()
+
+
+def _admit_all(request: Request) -> None:
+    """The default admission check: every request head is let through."""
+    return None
 
 
 class Connection(asyncio.Protocol):
@@ -178,8 +185,9 @@ class Server:
 
     def __init__(self, handler: Handler, *, max_body_bytes: int, ssl_context=None,
                  error_body: Callable[[int, str, str, str | None], bytes] | None = None,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, admit: Admit | None = None) -> None:
         self.handler = handler
+        self.admit: Admit = admit or _admit_all
         self.idle_timeout = idle_timeout
         self.max_body_bytes = max_body_bytes
         self.ssl_context = ssl_context
