@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
+import ssl
 from typing import Callable
 
 
@@ -16,32 +18,32 @@ class ConfigError(Exception):
     """A setting is malformed; the message names it and never echoes a secret."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError("must be a whole number of at least 1")
+def _number(text: str, kind: type, ok: Callable[[float], bool], expected: str):
+    """Parse `text` as `kind`; any failure says what is expected, not what Python thought."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(expected) from None
+    if not ok(value):
+        raise ValueError(expected)
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "must be a whole number of at least 1")
 
 
 def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise ValueError("must be a port number from 0 to 65535")
-    return value
+    return _number(text, int, lambda v: 0 <= v <= 65535, "must be a port number from 0 to 65535")
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError("must be a positive number of seconds")
-    return value
+    return _number(text, float, lambda v: 0 < v < float("inf"), "must be a positive number of seconds")
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise ValueError("must be zero or a positive number of seconds")
-    return value
+    return _number(text, float, lambda v: 0 <= v < float("inf"),
+                   "must be zero or a positive number of seconds")
 
 
 def _url(text: str) -> str:
@@ -221,8 +223,8 @@ class Config:
         return bool(self.samba_email and self.samba_password)
 
     @classmethod
-    def from_mapping(cls, values: dict[str, str]) -> "Config":
-        """Parse raw setting texts (missing names take their defaults)."""
+    def from_mapping(cls, values: dict[str, str], flags: frozenset[str] = frozenset()) -> "Config":
+        """Parse raw setting texts (missing names take their defaults); `flags` names those given as flags."""
         parsed = {}
         for setting in SETTINGS:
             raw = values.get(setting.name, setting.default)
@@ -230,8 +232,8 @@ class Config:
                 parsed[setting.field] = setting.parse(raw.strip())
             except ValueError as exc:
                 shown = "(hidden)" if setting.secret else repr(raw)
-                reason = str(exc) if "must" in str(exc) else "is malformed"
-                raise ConfigError(f"invalid {setting.name}={shown}: {reason}") from None
+                where = f"{setting.flag} {shown}" if setting.name in flags else f"{setting.name}={shown}"
+                raise ConfigError(f"invalid {where}: {exc}") from None
         config = cls(**parsed)
         config._check_pairs()
         return config
@@ -242,22 +244,60 @@ class Config:
         for name, path in (("TLS_CERT_FILE", self.tls_cert_file), ("TLS_KEY_FILE", self.tls_key_file)):
             if path and not os.path.isfile(path):
                 raise ConfigError(f"invalid {name}={path!r}: no such file")
+        if self.tls_cert_file:
+            self.ssl_context()  # a junk certificate or key stops start-up here, naming the setting
         if bool(self.samba_email) != bool(self.samba_password):
             missing = "SAMBA_PASSWORD" if self.samba_email else "SAMBA_EMAIL"
             raise ConfigError(f"invalid credentials: {missing} is not set (set both or neither)")
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server's TLS context (h2 and http/1.1 by ALPN); a file that cannot be used is a ConfigError."""
+        if not self.tls_cert_file:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except ssl.SSLError as exc:
+            raise ConfigError(_tls_problem(self.tls_cert_file, self.tls_key_file, exc)) from None
+        except OSError as exc:
+            name, path = ("TLS_KEY_FILE", self.tls_key_file) if exc.filename == self.tls_key_file \
+                else ("TLS_CERT_FILE", self.tls_cert_file)
+            raise ConfigError(f"invalid {name}={path!r}: cannot read it ({exc.strerror})") from None
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        return context
 
-def read_env_file(path: str) -> dict[str, str]:
-    """Read `KEY=VALUE` lines: optional `export`, optional quotes, `#` comments."""
+
+def _tls_problem(cert: str, key: str, exc: ssl.SSLError) -> str:
+    """Say which TLS file is unusable: the certificate alone is checked first, then the key against it."""
+    reason = (exc.reason or "unreadable").lower().replace("_", " ")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert)
+    except ssl.SSLError:
+        return f"invalid TLS_CERT_FILE={cert!r}: not a PEM certificate ({reason})"
+    return f"invalid TLS_KEY_FILE={key!r}: not a PEM private key matching TLS_CERT_FILE ({reason})"
+
+
+def read_env_file(path: str, *, required: bool = False) -> dict[str, str]:
+    """Read `KEY=VALUE` lines: optional BOM, optional `export`, optional quotes, `#` comments.
+
+    A missing file is no error unless it was named explicitly (`required`).
+    """
     values: dict[str, str] = {}
     try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+        with open(path, "rb") as handle:
+            raw = handle.read()
     except FileNotFoundError:
+        if required:
+            raise ConfigError(f"cannot read env file {path!r}: no such file") from None
         return values
     except OSError as exc:
         raise ConfigError(f"cannot read env file {path!r}: {exc.strerror}") from None
-    for number, line in enumerate(lines, 1):
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM, as some Windows editors write, is not part of line 1
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"cannot read env file {path!r}: line {line} is not valid UTF-8") from None
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -272,11 +312,31 @@ def read_env_file(path: str) -> dict[str, str]:
 
 
 def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return value[1:-1]
+    """A quoted value loses its quotes and any `# comment` after them; an unquoted one its ` # comment`."""
+    if len(value) >= 2 and value[0] in "'\"":
+        end = value.find(value[0], 1)
+        rest = value[end + 1:].strip() if end > 0 else None
+        if rest is not None and (not rest or rest.startswith("#")):
+            return value[1:end]
     if " #" in value:
         value = value.split(" #", 1)[0].rstrip()
     return value
+
+
+# Prefixes of our own settings: an unknown name with one of them in .env is most likely a typo.
+OWN_PREFIXES = ("SAMBA_", "SAMBANOVA_", "TOKEN_", "UPSTREAM_")
+
+
+def unknown_setting_warnings(values: dict[str, str], path: str) -> list[str]:
+    """One warning per unknown name that looks like ours, with the closest known name."""
+    warnings = []
+    for key in values:
+        if key in SETTING_NAMES or not key.startswith(OWN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(key, SETTING_NAMES, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "it is ignored"
+        warnings.append(f"unknown setting {key} in {path}: {hint}")
+    return warnings
 
 
 def build_parser(version: str) -> argparse.ArgumentParser:
@@ -290,7 +350,8 @@ def build_parser(version: str) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sambaproxy {version}")
-    parser.add_argument("--env-file", default=".env", help="settings file read after the environment (default: .env)")
+    parser.add_argument("--env-file", default=None,
+                        help="settings file read after the environment (default: .env, if present)")
     for setting in SETTINGS:
         default = setting.default or "unset"
         if setting.secret:
@@ -300,11 +361,19 @@ def build_parser(version: str) -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str] | None, environ: dict[str, str], version: str) -> Config:
-    """Combine flags, environment and `.env` (in that order of precedence) into a Config."""
+def load_config(argv: list[str] | None, environ: dict[str, str], version: str,
+                warnings: list[str] | None = None) -> Config:
+    """Combine flags, environment and `.env` (in that order of precedence) into a Config.
+
+    Warnings about the `.env` file (unknown names) are appended to `warnings`, for the caller to log.
+    """
     args = build_parser(version).parse_args(argv)
-    values = read_env_file(args.env_file)
+    path = args.env_file or ".env"
+    values = read_env_file(path, required=args.env_file is not None)
+    if warnings is not None:
+        warnings.extend(unknown_setting_warnings(values, path))
     values.update({k: v for k, v in environ.items() if k in SETTING_NAMES})
-    values.update({s.name: getattr(args, s.name) for s in SETTINGS
-                   if not s.secret and getattr(args, s.name) is not None})
-    return Config.from_mapping(values)
+    flags = {s.name: getattr(args, s.name) for s in SETTINGS
+             if not s.secret and getattr(args, s.name) is not None}
+    values.update(flags)
+    return Config.from_mapping(values, frozenset(flags))

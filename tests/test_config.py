@@ -92,7 +92,7 @@ def test_help_lists_every_setting_with_its_default_and_version_prints():
 
 @pytest.mark.parametrize("env, name", [({"PORT": "abc"}, "PORT"), ({"TOKEN_CACHE_TIME": "-1"}, "TOKEN_CACHE_TIME")])
 def test_malformed_setting_stops_start_up_with_one_line(env, name):
-    result = run_main("--env-file", "/nonexistent", env=env)
+    result = run_main("--env-file", "/dev/null", env=env)
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and name in result.stderr
     assert "Traceback" not in result.stderr
@@ -101,7 +101,7 @@ def test_malformed_setting_stops_start_up_with_one_line(env, name):
 def test_starts_without_credentials_and_stops_cleanly_on_sigterm(tmp_path):
     env = {"PATH": os.environ.get("PATH", ""), "HOST": "127.0.0.1", "PORT": "0",
            "TOKEN_CACHE_FILE": "", "HOME": str(tmp_path)}
-    process = subprocess.Popen([sys.executable, "sambaproxy.py", "--env-file", "/nonexistent"],
+    process = subprocess.Popen([sys.executable, "sambaproxy.py", "--env-file", "/dev/null"],
                                cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         port = None
