@@ -1,7 +1,13 @@
-"""SambaNova login: the Auth0 cross-origin flow of UPSTREAM.md, from the config endpoint to the access_token cookie."""
+"""SambaNova login: the Auth0 cross-origin flow of UPSTREAM.md, from the config endpoint to the access_token cookie.
+
+A login runs on a short-lived client of its own (login_client): its own cookie jar, its own
+timeouts, httpx following the callback's redirects. Cancelling it (LOGIN_TIMEOUT) can only
+break that private client, never the shared completion client's connections.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import email.utils
 import json
@@ -24,18 +30,27 @@ GRANT_TYPE = "http://auth0.com/oauth/grant-type/password-realm"
 AUTH0_CLIENT = base64.urlsafe_b64encode(
     json.dumps({"name": "auth0.js", "version": "9.28.0"}).encode()).decode().rstrip("=")
 MAX_REDIRECTS = 10            # bound on the callback's redirect chain
-LOGIN_STEP_TIMEOUT = 30.0     # seconds a login step may take to connect or to get a pooled connection
+LOGIN_STEP_TIMEOUT = 30.0     # seconds one login step (one request and its redirects) may take in all
 # RFC 9110 §15.4: the redirect statuses that carry a Location.
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 class LoginError(Exception):
-    """A failed login; str(e) is safe to show and never holds the password, ticket, code or token."""
+    """A failed login; str(e) is safe to show and never holds the password, ticket, code or token.
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    `outcome` sorts it for the logins metric: refused, rate_limited, timeout, unreachable or failed.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None, outcome: str = "failed") -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.outcome = outcome
 
+
+def login_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """A client for one login: own cookie jar and timeouts, at most MAX_REDIRECTS redirects."""
+    return httpx.AsyncClient(timeout=httpx.Timeout(LOGIN_STEP_TIMEOUT), max_redirects=MAX_REDIRECTS,
+                             transport=transport)
 
 
 def redact(secret: str | None) -> str:
@@ -97,11 +112,12 @@ async def _authenticate(client: httpx.AsyncClient, issuer: str, client_id: str,
     if status == 429:
         code = _error_code(_json_object(response, strict=False).get("error"), "too_many_attempts")
         raise LoginError(f"login rate limited ({code})",
-                         retry_after=parse_retry_after(response.headers.get("retry-after")))
+                         retry_after=parse_retry_after(response.headers.get("retry-after")),
+                         outcome="rate_limited")
     if status in (400, 401, 403):
         data = _json_object(response, strict=False)
         reason = _upstream_text(data.get("error_description") or data.get("error"), (email, password))
-        raise LoginError(f"login refused: {reason or f'co/authenticate answered {status}'}")
+        raise LoginError(f"login refused: {reason or f'co/authenticate answered {status}'}", outcome="refused")
     if status != 200:
         raise LoginError(f"login endpoint answered {status}")
     ticket = _json_object(response).get("login_ticket")
@@ -126,7 +142,7 @@ async def _authorize(client: httpx.AsyncClient, issuer: str, config: _LoginConfi
     query = callback.params
     if "error" in query:
         reason = _upstream_text(query.get("error_description") or query.get("error"), hidden)
-        raise LoginError(f"login refused: {reason}")
+        raise LoginError(f"login refused: {reason}", outcome="refused")
     if query.get("state") != state:
         raise LoginError("login failed: state mismatch in the authorize redirect")
     if not query.get("code"):
@@ -135,84 +151,57 @@ async def _authorize(client: httpx.AsyncClient, issuer: str, config: _LoginConfi
 
 
 async def _follow_callback(client: httpx.AsyncClient, url: httpx.URL, nonce: str) -> str:
-    """Step 4: follow the callback's redirects by hand, reading access_token from every Set-Cookie."""
-    # Cookies of this chain only, per host: the shared client's jar must not see them.
-    jars: dict[str, dict[str, str]] = {url.host: {"nonce": nonce}}
+    """Step 4: follow the callback's redirects, reading access_token from every answer's Set-Cookie.
+
+    Every hop is read, not the jar: a fake on an IP address sets the cookie without a domain,
+    and some cookie jars drop such cookies.
+    """
+    client.cookies.set("nonce", nonce, domain=url.host)
+    headers = _browser_headers(accept="text/html,application/xhtml+xml,*/*;q=0.8")
+    try:
+        response = await _fetch(client, "GET", url, headers=headers, follow_redirects=True)
+    except _TooManyRedirects:
+        raise LoginError("login failed: too many redirects after the callback") from None
     token = None
-    for _ in range(1 + MAX_REDIRECTS):
-        headers = _browser_headers(accept="text/html,application/xhtml+xml,*/*;q=0.8")
-        if jars.get(url.host):
-            headers["cookie"] = "; ".join(f"{k}={v}" for k, v in jars[url.host].items())
-        response = await _fetch(client, "GET", url, headers=headers)
-        jar = jars.setdefault(url.host, {})
-        for name, value in set_cookies(response).items():
-            if value:
-                jar[name] = value
-            else:
-                jar.pop(name, None)
-        token = jar.get("access_token") or token
-        location = response.headers.get("location")
-        if response.status_code not in REDIRECT_STATUSES or not location:
-            break
-        url = _join(response.url, location)
-    else:
-        if token is None:
-            raise LoginError("login failed: too many redirects after the callback")
+    for hop in (*response.history, response):
+        value = set_cookies(hop).get("access_token")
+        if value is not None:
+            token = value or None  # a later hop may delete it again
     if not token:
         raise LoginError("login failed: no access_token cookie after the callback "
                          f"(last answer {response.status_code})")
     return token
 
 
-def _login_timeouts(client: httpx.AsyncClient) -> dict[str, float | None]:
-    """The client's timeouts with connecting and pool waits capped for login steps.
-
-    Read and write keep the shared client's values: on a shared HTTP/2 connection a
-    read or write timeout (like a cancellation mid-write) fails every stream on it.
-    """
-    timeouts = client.timeout.as_dict()
-    for name in ("connect", "pool"):
-        timeouts[name] = min(timeouts[name] or LOGIN_STEP_TIMEOUT, LOGIN_STEP_TIMEOUT)
-    return timeouts
+class _TooManyRedirects(Exception):
+    """The callback's redirect chain passed MAX_REDIRECTS."""
 
 
-async def _fetch(client: httpx.AsyncClient, method: str, url: str | httpx.URL,
-                 **kwargs) -> httpx.Response:
-    """Send one request with no redirects and no shared cookies, mapping transport errors to LoginError."""
+async def _fetch(client: httpx.AsyncClient, method: str, url: str | httpx.URL, *,
+                 follow_redirects: bool = False, **kwargs) -> httpx.Response:
+    """Send one login request (and its redirects) within LOGIN_STEP_TIMEOUT, mapping failures to LoginError."""
     try:
-        # httpx.Request (not client.build_request) so the shared jar's cookies are not merged in.
-        request = httpx.Request(method, url, extensions={"timeout": _login_timeouts(client)}, **kwargs)
+        request = client.build_request(method, url, **kwargs)
     except (httpx.InvalidURL, TypeError, ValueError):
         raise LoginError(f"invalid login URL {_safe_url(url)}") from None
     where = _safe_url(request.url)
     log.debug("login: %s %s", method, where)
     try:
-        response = await client.send(request, stream=True, follow_redirects=False)
-        _forget_cookies(client, response)
-        try:
-            # Always read the (small) body: an HTTP/2 stream abandoned early is never
-            # reset by httpcore and keeps the connection's flow-control window.
-            await response.aread()
-        finally:
-            await response.aclose()
+        # The client is this login's own, so cancelling a step mid-request harms no other request.
+        async with asyncio.timeout(LOGIN_STEP_TIMEOUT):
+            response = await client.send(request, follow_redirects=follow_redirects)
+    except httpx.TooManyRedirects:
+        raise _TooManyRedirects() from None
+    except (httpx.TimeoutException, TimeoutError):
+        log.debug("login: %s timed out", where)
+        raise LoginError(f"login step {where} took longer than {LOGIN_STEP_TIMEOUT:g}s",
+                         outcome="timeout") from None
     except httpx.RequestError as exc:
         log.debug("login: %s failed: %s", where, type(exc).__name__)
-        raise LoginError(f"could not reach {_origin(request.url)}: {type(exc).__name__}") from None
+        raise LoginError(f"could not reach {_origin(request.url)}: {type(exc).__name__}",
+                         outcome="unreachable") from None
     log.debug("login: %s answered %d", where, response.status_code)
     return response
-
-
-def _forget_cookies(client: httpx.AsyncClient, response: httpx.Response) -> None:
-    """httpx stores every Set-Cookie in the client's jar; drop this login's cookies so no other request carries them."""
-    names = set(set_cookies(response))
-    if not names:
-        return
-    host = response.url.host
-    jar = client.cookies.jar
-    for cookie in list(jar):
-        domain = cookie.domain.lstrip(".")
-        if cookie.name in names and (host == domain or host.endswith("." + domain)):
-            jar.clear(cookie.domain, cookie.path, cookie.name)
 
 
 def set_cookies(response: httpx.Response) -> dict[str, str]:

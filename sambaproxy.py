@@ -86,10 +86,10 @@ class App:
         self.keys = tuple(key.encode() for key in config.local_api_key)
         self.client = make_client(config)
         self.tokens = TokenManager(
-            self.client, email=config.samba_email, password=config.samba_password,
+            email=config.samba_email, password=config.samba_password,
             env_token=config.samba_access_token, config_url=config.samba_config_url,
             cache_time=config.token_cache_time, refresh_margin=config.token_refresh_margin,
-            cache_file=config.token_cache_file)
+            cache_file=config.token_cache_file, login_timeout=config.login_timeout)
         self.account_route = None
         routes: list = []
         if config.has_credentials or config.samba_access_token:

@@ -17,7 +17,7 @@ from typing import Awaitable, Callable
 
 import httpx
 
-from auth import LoginError, login, redact
+from auth import LoginError, login, login_client, redact
 
 # The login flow's logger name, kept so that log lines read as before the split.
 log = logging.getLogger("sambaproxy.auth")
@@ -26,6 +26,7 @@ MAX_RETRY_AFTER = 86400.0     # a Retry-After longer than a day is not believed
 CACHE_FILE_MAX_BYTES = 65536
 CACHE_FILE_VERSION = 1
 LOGIN_WAIT = 90.0             # seconds a request waits for a login in flight before its 503
+LOGIN_OUTCOMES = ("ok", "refused", "rate_limited", "timeout", "unreachable", "failed")
 
 
 class TokenUnavailable(Exception):
@@ -82,16 +83,23 @@ LoginFunc = Callable[[httpx.AsyncClient, str, str, str], Awaitable[str]]
 
 
 class TokenManager:
-    """The upstream token: valid/expired, one login at a time, background refresh, back-off, persistence."""
+    """The upstream token: valid/expired, one login at a time, background refresh, back-off, persistence.
 
-    def __init__(self, client: httpx.AsyncClient, *, email: str | None, password: str | None,
+    Each login runs on a fresh client from `open_client` (default auth.login_client), bounded
+    as a whole by `login_timeout` (LOGIN_TIMEOUT).
+    """
+
+    def __init__(self, open_client: Callable[[], httpx.AsyncClient] | None = None, *,
+                 email: str | None, password: str | None,
                  env_token: str | None, config_url: str, cache_time: float = 604800,
                  refresh_margin: float = 3600, cache_file: str | None = None,
                  clock: Callable[[], float] = time.time, login: LoginFunc = login,
                  backoff_min: float = 2.0, backoff_max: float = 600.0,
                  sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
-                 rand: Callable[[], float] = random.random) -> None:
-        self._client = client
+                 rand: Callable[[], float] = random.random, login_timeout: float = 60.0) -> None:
+        self._open_client = open_client or login_client
+        self._login_timeout = login_timeout
+        self.login_outcomes = dict.fromkeys(LOGIN_OUTCOMES, 0)  # for /metrics
         self._email = email or None
         self._password = password or None
         self.has_credentials = bool(self._email and self._password)
@@ -195,6 +203,26 @@ class TokenManager:
             "token_status": self._status(),
         }
 
+    def has_valid_token(self) -> bool:
+        return self._valid_token() is not None
+
+    def expires_in(self) -> int:
+        """Seconds the current token stays valid; 0 without one."""
+        return self._expires_in()
+
+    def unready_reason(self) -> str | None:
+        """Why no completion can be served with this account right now, or None when a token is valid."""
+        if self._valid_token() is not None:
+            return None
+        if self._inflight is not None:
+            return "logging in to SambaNova"
+        if not self.has_credentials:
+            return self._no_credentials_reason()
+        wait = self._backoff_remaining(self._clock())
+        if self._last_error:
+            return self._last_error + (f" (next login attempt in {math.ceil(wait)}s)" if wait > 0 else "")
+        return "no token yet: the login has not run"
+
     def _status(self) -> str:
         if self._inflight is not None:
             return "refreshing"  # a login is under way, whether or not a token is still valid
@@ -260,9 +288,10 @@ class TokenManager:
         valid = self._valid_token() is not None
         log.info("%s SambaNova token", "refreshing the" if valid else "logging in for a")
         try:
-            # No outer timeout: each login step has its own (a cancelled write would
-            # break a shared HTTP/2 connection).
-            token = await self._login(self._client, self._config_url, self._email, self._password)
+            # The login's client is its own: cancelling it at LOGIN_TIMEOUT harms no other request.
+            async with asyncio.timeout(self._login_timeout):
+                async with self._open_client() as client:
+                    token = await self._login(client, self._config_url, self._email, self._password)
             if not _plausible_token(token):
                 raise LoginError("login failed: the access_token is not a usable cookie value")
             now = self._clock()
@@ -270,7 +299,11 @@ class TokenManager:
             if expires_at <= now:
                 raise LoginError("login failed: the new token is already expired")
         except LoginError as exc:
-            self._record_failure(str(exc), exc.retry_after)
+            self._record_failure(str(exc), exc.retry_after, exc.outcome)
+            return None
+        except TimeoutError:
+            self._record_failure(f"login timed out: it took longer than LOGIN_TIMEOUT "
+                                 f"({self._login_timeout:g}s)", None, "timeout")
             return None
         except Exception as exc:  # a bug or an unexpected library error: back off, keep serving
             # Where it was raised, not its message: messages may quote a URL with the ticket.
@@ -284,6 +317,7 @@ class TokenManager:
         self._set_token(token, expires_at, now, "login")
         self._last_refresh = now
         self._failures, self._next_attempt_at, self._last_error = 0, None, None
+        self.login_outcomes["ok"] += 1
         log.info("logged in to SambaNova; token valid for %ds", int(expires_at - now))
         self._save_cache()
         return token
@@ -292,8 +326,9 @@ class TokenManager:
         self._token, self._expires_at, self._obtained_at, self._source = \
             token, expires_at, obtained_at, source
 
-    def _record_failure(self, reason: str, retry_after: float | None) -> None:
+    def _record_failure(self, reason: str, retry_after: float | None, outcome: str = "failed") -> None:
         """Remember why, and when to try again: exponential back-off with jitter, at least Retry-After."""
+        self.login_outcomes[outcome if outcome in self.login_outcomes else "failed"] += 1
         self._failures += 1
         delay = self._backoff_delay(self._failures, retry_after)
         self._next_attempt_at = self._clock() + delay

@@ -57,7 +57,7 @@ class CannedSamba:
         return route(request) if route else httpx.Response(404)
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(transport=httpx.MockTransport(self.handler))
+        return auth.login_client(httpx.MockTransport(self.handler))
 
     def paths(self) -> list[str]:
         return [f"{r.method} {r.url.scheme}://{r.url.netloc.decode()}{r.url.path}" for r in self.requests]
@@ -93,9 +93,7 @@ class CannedSamba:
 
 async def run_login(samba: CannedSamba, email: str = EMAIL, password: str = PASSWORD) -> str:
     async with samba.client() as client:
-        token = await login(client, f"{samba.base}/api/config", email, password)
-        assert not list(client.cookies.jar), "the shared client's cookie jar kept a login cookie"
-        return token
+        return await login(client, f"{samba.base}/api/config", email, password)
 
 
 async def test_login_happy_path_with_bare_host_issuer():
@@ -256,15 +254,14 @@ async def samba():
 
 @pytest.fixture
 async def client():
-    async with httpx.AsyncClient(timeout=5.0) as shared:
-        yield shared
+    async with auth.login_client() as own:
+        yield own
 
 
 async def test_login_against_the_fake_over_a_socket(samba, client):
     token = await asyncio.wait_for(login(client, f"{samba.url}/api/config", EMAIL, PASSWORD), 5.0)
     assert token in samba.tokens and samba.logins == 1 and samba.login_attempts == 1
     assert 3500 < jwt_expiry(token) - auth.time.time() <= 3601
-    assert not list(client.cookies.jar)
 
 
 @pytest.mark.parametrize("status, retry_after, message, expected_retry", [
@@ -290,18 +287,25 @@ async def test_unreachable_upstream(client):
         await asyncio.wait_for(login(client, f"{url}/api/config", EMAIL, PASSWORD), 5.0)
 
 
-async def test_login_steps_bound_connecting_but_keep_the_shared_read_timeout():
-    seen = []
+def test_a_login_client_has_its_own_jar_timeouts_and_redirect_bound():
+    first, second = auth.login_client(), auth.login_client()
+    assert first.cookies is not second.cookies
+    assert first.timeout == httpx.Timeout(auth.LOGIN_STEP_TIMEOUT)
+    assert first.max_redirects == auth.MAX_REDIRECTS and not first.follow_redirects
 
-    def handler(request):
-        seen.append(request.extensions["timeout"])
-        return httpx.Response(500)
 
-    client = httpx.AsyncClient(transport=httpx.MockTransport(handler),
-                               timeout=httpx.Timeout(600.0, connect=5.0))
-    with pytest.raises(LoginError):
-        await login(client, "https://cloud.example/api/config", "a@b.c", "pw")
-    # Read and write keep the shared client's values: a timeout on a shared HTTP/2
-    # connection would fail every stream on it.
-    assert seen == [{"connect": 5.0, "read": 600.0, "write": 600.0, "pool": auth.LOGIN_STEP_TIMEOUT}]
-    await client.aclose()
+async def test_a_hung_login_step_fails_after_the_step_timeout(monkeypatch):
+    monkeypatch.setattr(auth, "LOGIN_STEP_TIMEOUT", 0.2)
+    samba = CannedSamba()
+    hung = asyncio.Event()
+
+    async def hang(request):
+        hung.set()
+        await asyncio.Event().wait()   # never answers; cancelled by the step timeout
+
+    samba.routes[f"{samba.issuer}/co/authenticate"] = hang
+    with pytest.raises(LoginError) as caught:
+        await asyncio.wait_for(run_login(samba), 10)
+    assert hung.is_set()
+    assert str(caught.value) == "login step https://login.sambanova.ai/co/authenticate took longer than 0.2s"
+    assert caught.value.outcome == "timeout"

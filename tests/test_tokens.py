@@ -569,8 +569,8 @@ async def test_no_secret_reaches_a_log_line_an_error_or_a_status(make, clock, tm
 # Against the fake SambaNova, over a real socket on 127.0.0.1 (fixtures from test_auth)
 
 
-async def test_token_manager_against_the_fake(samba, client, tmp_path):
-    manager = TokenManager(client, email=EMAIL, password=PASSWORD, env_token=None,
+async def test_token_manager_against_the_fake(samba, tmp_path):
+    manager = TokenManager(email=EMAIL, password=PASSWORD, env_token=None,
                            config_url=f"{samba.url}/api/config", cache_time=604800,
                            refresh_margin=60, cache_file=str(tmp_path / "token.json"))
     try:
