@@ -41,10 +41,11 @@ class H11Responder(Responder):
             return
         d = self._driver
         length = None if status in BODILESS else len(body)
-        out = d.h11.send(h11.Response(status_code=status, headers=d.fields(headers, length),
+        out = d.h11.send(h11.Response(status_code=status, headers=d.fields(headers, length, self.request_id),
                                        reason=_REASONS.get(status, b"")))
         if body and not self._no_body:
             out += d.h11.send(h11.Data(data=body))
+            self.sent += len(body)
         out += d.h11.send(h11.EndOfMessage())
         self.ended = True
         d.transport.write(out)
@@ -54,7 +55,7 @@ class H11Responder(Responder):
     async def start(self, status, headers):
         if self._begin(status):
             d = self._driver
-            response = h11.Response(status_code=status, headers=d.fields(headers, None),
+            response = h11.Response(status_code=status, headers=d.fields(headers, None, self.request_id),
                                     reason=_REASONS.get(status, b""))
             head = d.h11.send(response)
             # Anchored at a line start: a header value may contain the same text, never a CRLF.
@@ -75,6 +76,7 @@ class H11Responder(Responder):
         if data and not self._no_body:
             d = self._driver
             d.transport.write(self._frame(data))
+            self.sent += len(data)
             if d.conn.paused:
                 self._pending = True
                 try:
@@ -90,6 +92,7 @@ class H11Responder(Responder):
             return False
         if data and not self._no_body:
             d.transport.write(self._frame(data))
+            self.sent += len(data)
         return True
 
     async def end(self):
@@ -172,7 +175,7 @@ class H11Driver:
         """Admit the head, check the declared size, answer Expect: 100-continue (RFC 9110 §10.1.1)."""
         path, _, query = event.target.decode("latin-1").partition("?")
         request = Request(event.method.decode("ascii"), path, query, header_dict(event.headers), b"",
-                          event.http_version.decode("ascii"))
+                          event.http_version.decode("ascii"), self.conn.client)
         self._request = request
         self._chunks = []
         self._size = 0
@@ -216,9 +219,12 @@ class H11Driver:
         if h.trailing_data[0]:  # a pipelined request is already buffered
             self.process()
 
-    def fields(self, headers: list[tuple[str, str]], length: int | None) -> list[tuple[str, str]]:
-        """Response header fields: the handler's, then Date, Content-Length, Connection."""
+    def fields(self, headers: list[tuple[str, str]], length: int | None,
+               request_id: str | None = None) -> list[tuple[str, str]]:
+        """Response header fields: the handler's, then X-Request-ID, Date, Content-Length, Connection."""
         out = clean_headers(headers, DRIVER_FIELDS)
+        if request_id:
+            out.append(("x-request-id", request_id))
         out.append(("date", self.server.date()))
         if length is not None:
             out.append(("content-length", str(length)))

@@ -63,7 +63,7 @@ class H2Responder(Responder):
         length = None if status in BODILESS else len(body)
         if self._no_body:
             body = b""
-        d.h2.send_headers(self.stream_id, d.fields(status, headers, length), end_stream=not body)
+        d.h2.send_headers(self.stream_id, d.fields(status, headers, length, self.request_id), end_stream=not body)
         if not body:
             self.ended = True
             d.flush_soon()
@@ -77,7 +77,8 @@ class H2Responder(Responder):
         if self._begin(status):
             d = self._driver
             self.ended = self._no_body
-            d.h2.send_headers(self.stream_id, d.fields(status, headers, None), end_stream=self._no_body)
+            d.h2.send_headers(self.stream_id, d.fields(status, headers, None, self.request_id),
+                              end_stream=self._no_body)
             d.flush_soon()
 
     async def write(self, data):
@@ -97,6 +98,7 @@ class H2Responder(Responder):
             return False
         if data:
             h.send_data(self.stream_id, data)
+            self.sent += len(data)
             d.flush_soon()
         return True
 
@@ -126,6 +128,7 @@ class H2Responder(Responder):
                 if last:
                     self.ended = True
                 h.send_data(self.stream_id, data[pos - size:pos], end_stream=last)
+                self.sent += size
                 if pos < total:
                     d.flush()  # more to come: keep the transport's backpressure signal accurate
                 else:
@@ -259,7 +262,8 @@ class H2Driver:
         if authority and "host" not in headers:
             headers["host"] = authority.decode("latin-1")
         path, _, query = pseudo.get(b":path", b"").decode("latin-1").partition("?")
-        request = Request(pseudo.get(b":method", b"").decode("ascii"), path, query, headers, b"", "2")
+        request = Request(pseudo.get(b":method", b"").decode("ascii"), path, query, headers, b"", "2",
+                          self.conn.client)
         stream = self.streams[event.stream_id] = H2Responder(self, event.stream_id, request)
         length = headers.get("content-length", "")
         if (rejection := self.server.admit(request)) is not None:
@@ -355,10 +359,13 @@ class H2Driver:
             return
         self.flush_soon()
 
-    def fields(self, status: int, headers: list[tuple[str, str]], length: int | None) -> list:
-        """Response fields: :status, the handler's (lower-case, minus connection-specific), Date, length."""
+    def fields(self, status: int, headers: list[tuple[str, str]], length: int | None,
+               request_id: str | None = None) -> list:
+        """Response fields: :status, the handler's (lower-case, minus connection-specific), X-Request-ID, Date, length."""
         out = [(":status", str(status))]
         out += clean_headers(headers, _H2_DROP)
+        if request_id:
+            out.append(("x-request-id", request_id))
         out.append(("date", self.server.date()))
         if length is not None:
             out.append(("content-length", str(length)))

@@ -29,6 +29,7 @@ class Request:
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # lower-case names
     body: bytes = field(default=b"", repr=False)
     http_version: str = "1.1"  # "1.0", "1.1" or "2"
+    client: str = ""  # the peer's "host:port", for the access log
 
 
 @dataclass(slots=True)
@@ -74,10 +75,13 @@ def clean_headers(headers: list[tuple[str, str]], drop: frozenset) -> list[tuple
 class Responder:
     """Sends one response; subclassed by the HTTP/1.1 and the HTTP/2 driver."""
 
-    __slots__ = ("started", "gone", "ended", "_callbacks", "_pending", "_head", "_no_body")
+    __slots__ = ("started", "gone", "ended", "_callbacks", "_pending", "_head", "_no_body",
+                 "status", "sent", "request_id")
 
     def __init__(self, head: bool) -> None:
         self.started = self.gone = self.ended = self._pending = False
+        self.status = self.sent = 0  # for the access log: the status sent, body bytes written
+        self.request_id: str | None = None  # sent back as X-Request-ID when set
         self._callbacks: list[Callable[[], None]] | None = None
         self._head = head
         self._no_body = head
@@ -113,6 +117,7 @@ class Responder:
         if self.gone:
             return False
         self.started = True
+        self.status = status
         self._no_body = self._head or status in BODILESS
         return True
 

@@ -39,6 +39,14 @@ def default_error_body(status: int, message: str, type_: str, code: str | None) 
     return json.dumps({"error": error}).encode()
 
 
+def _peer(address) -> str:
+    """A socket address as host:port ([host]:port for IPv6)."""
+    if not isinstance(address, tuple) or len(address) < 2:
+        return ""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _admit_all(request: Request) -> None:
     """The default admission check: every request head is let through."""
     return None
@@ -56,12 +64,14 @@ class Connection(asyncio.Protocol):
         self.paused_at = 0.0  # when the transport last asked us to stop writing
         self.closed = False
         self.last_activity = 0.0
+        self.client = ""  # the peer's "host:port", for the access log
         self._sniffed = b""
         self._drain_waiters: list[asyncio.Future] = []
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        self.client = _peer(transport.get_extra_info("peername"))
         self.server.connections.add(self)
         self.server.connections_accepted += 1
         ssl_object = transport.get_extra_info("ssl_object")
