@@ -20,8 +20,11 @@ import urllib.parse
 
 import httpx
 
+import metrics
+from accesslog import NOISY_LOGGERS, AccessEntry, RequestIds, access_log, current_entry
+from accesslog import configure_logging as _configure_logging
 from config import Config, ConfigError, load_config
-from server import Request, Responder, Server
+from server import ClientGone, Request, Responder, Server
 from chat import RequestError, parse_chat_request, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
 from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, UpstreamStreamError,
@@ -38,7 +41,13 @@ JSON_HEADERS = [("content-type", "application/json"), CORS_ORIGIN]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
                ("cache-control", "no-cache"), ("x-accel-buffering", "no"), CORS_ORIGIN]
 PREFLIGHT_ALLOW = "authorization, content-type"
-NOISY_LOGGERS = ("httpx", "httpcore", "hpack", "h2", "h11")
+# Paths for people and machines watching the proxy: never counted, logged at debug only.
+QUIET_ROUTES = frozenset(("/info", "/", "/healthz", "/readyz", "/metrics", "/favicon.ico"))
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+           b'<rect width="16" height="16" rx="3" fill="#2563eb"/>'
+           b'<path d="M3 11.5 8 4l5 7.5z" fill="#fff"/></svg>')
+NO_KEY_RISK = ("LOCAL_API_KEY is not set: anyone who can reach this port can use your SambaNova "
+               "account. Set LOCAL_API_KEY to one or more client keys and restart.")
 
 
 class KeepAlive:
@@ -67,12 +76,12 @@ class KeepAlive:
 
 
 class Counters:
-    """Request counters shown on /info."""
+    """Request counters shown on /info (the QUIET_ROUTES are not counted)."""
 
-    __slots__ = ("total", "active", "errors")
+    __slots__ = ("total", "active", "errors", "streams")
 
     def __init__(self) -> None:
-        self.total = self.active = self.errors = 0
+        self.total = self.active = self.errors = self.streams = 0
 
 
 class App:
@@ -114,17 +123,52 @@ class App:
             "/info": {"GET": self.info},
             "/": {"GET": self.page},
             "/debug/token": {"GET": self.debug_token},
+            "/healthz": {"GET": self.healthz},
+            "/readyz": {"GET": self.readyz},
+            "/metrics": {"GET": self.metrics_page},
+            "/favicon.ico": {"GET": self.favicon},
         }
-        self.open_routes = frozenset(("/info", "/"))
+        self.open_routes = frozenset(("/info", "/", "/healthz", "/readyz", "/favicon.ico")
+                                     + (("/metrics",) if config.metrics_public else ()))
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
                              ssl_context=_ssl_context(config), error_body=error_body)
         self._background: set[asyncio.Task] = set()
+        self.request_ids = RequestIds()
+        self.metrics = self._make_metrics()
 
     def _make_catalog(self) -> ModelCatalog:
         if self.key_route and not self.account_route:
             return ModelCatalog(self.client, self.config.sambanova_api_url + "/models",
                                 {"authorization": self.key_route.authorization})
         return ModelCatalog(self.client, self.config.samba_models_url, {})
+
+    def _make_metrics(self) -> metrics.GatewayMetrics:
+        """The request-path metrics, plus gauges read from live state at each scrape."""
+        m = metrics.GatewayMetrics()
+        m.gauge("sambaproxy_active_requests", "Requests being handled (not counting the quiet routes).",
+                (), lambda: {(): self.counters.active})
+        m.gauge("sambaproxy_active_streams", "Streamed answers being relayed.", (),
+                lambda: {(): self.counters.streams})
+        m.counter("sambaproxy_logins_total", "SambaNova logins by outcome.", ("outcome",),
+                  lambda: {(k,): v for k, v in self.tokens.login_outcomes.items()})
+        m.gauge("sambaproxy_token_expiry_seconds", "Seconds the SambaNova token stays valid (0: none).",
+                (), lambda: {(): self.tokens.expires_in()})
+        m.gauge("sambaproxy_ready", "1 when a chat completion can be served now (as /readyz).", (),
+                lambda: {(): 0 if self.unready_reason() else 1})
+        m.gauge("sambaproxy_open_connections", "Open client connections by protocol.", ("protocol",),
+                self._connections_by_protocol)
+        m.gauge("sambaproxy_build_info", "Always 1; the version is a label.", ("version",),
+                lambda: {(__version__,): 1})
+        metrics.add_process_metrics(m.registry)
+        return m
+
+    def _connections_by_protocol(self) -> dict:
+        counts = {("http/1.1",): 0, ("h2",): 0}
+        for conn in self.server.connections:
+            kind = type(conn.driver).__name__
+            key = ("h2",) if kind == "H2Driver" else ("http/1.1",) if kind == "H11Driver" else ("unknown",)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     @property
     def port(self) -> int:
@@ -149,17 +193,75 @@ class App:
         await self.client.aclose()
 
     async def handle(self, request: Request, responder: Responder) -> None:
-        """Route one request and turn every failure into one OpenAI-shaped answer."""
+        """Route one request and turn every failure into one OpenAI-shaped answer; log and count it."""
+        entry = AccessEntry(request.client, self.request_ids.pick(request.headers.get("x-request-id")),
+                            request.method, request.path, request.http_version, time.perf_counter())
+        responder.request_id = entry.request_id
+        current_entry.set(entry)
+        counted = request.path not in QUIET_ROUTES
         counters = self.counters
-        counters.total += 1
-        counters.active += 1
+        if counted:
+            counters.total += 1
+            counters.active += 1
         try:
             await self._dispatch(request, responder)
         except ProxyError as exc:
-            counters.errors += 1
+            counters.errors += counted
+            entry.reason = exc.message
+            if entry.upstream:
+                entry.end = "upstream_error"
             await self._send_error(responder, exc)
+        except ClientGone:
+            entry.end = "client_gone"
+            raise
+        except Exception as exc:
+            counters.errors += counted
+            entry.end, entry.reason = "error", f"handler failed: {type(exc).__name__}"
+            raise
         finally:
-            counters.active -= 1
+            if counted:
+                counters.active -= 1
+            self._log_access(entry, responder, counted)
+
+    def _log_access(self, entry: AccessEntry, responder: Responder, counted: bool) -> None:
+        """The request's one access line and, if counted, its metrics."""
+        entry.duration = time.perf_counter() - entry.started
+        entry.sent = responder.sent
+        entry.status = responder.status or (500 if entry.end == "error" else 499)
+        if responder.gone and not responder.ended and entry.end == "done":
+            entry.end = "client_gone"
+        if entry.status == 401 or entry.end == "upstream_error":
+            access_log.warning(entry)
+        elif counted:
+            access_log.info(entry)
+        else:
+            access_log.debug(entry)
+        if counted:
+            self._count(entry)
+
+    def _count(self, entry: AccessEntry) -> None:
+        m = self.metrics
+        path = entry.path
+        route = path if path in self.routes else (
+            "/v1/models/{id}" if path.startswith(("/v1/models/", "/models/")) else "unmatched")
+        method = entry.method if entry.method in metrics.METHODS else "other"
+        m.requests.inc((route, method, str(entry.status)))
+        if entry.model is None:
+            return
+        labels = (m.model_label(entry.model), "true" if entry.stream else "false")
+        m.duration.observe(labels, entry.duration)
+        if entry.ttfb is not None:
+            m.ttft.observe(labels, entry.ttfb)
+        if entry.prompt_tokens is not None:
+            m.prompt_tokens.inc(labels[:1], entry.prompt_tokens)
+            m.completion_tokens.inc(labels[:1], entry.completion_tokens)
+
+    def _note_attempt(self, route: str, outcome: str) -> None:
+        """Upstream.open's listener: the attempts metric and the request's route."""
+        self.metrics.upstream_attempts.inc((route, outcome))
+        entry = current_entry.get()
+        if entry is not None:
+            entry.route = route
 
     async def _dispatch(self, request: Request, responder: Responder) -> None:
         methods = self.routes.get(request.path)
@@ -216,7 +318,10 @@ class App:
         except RequestError as exc:
             raise ProxyError(400, exc.message, "invalid_request_error", "invalid_request",
                              param=exc.param) from None
-        response = await self.upstream.open(body, lambda: responder.gone)
+        model, stream = body.get("model") or self.config.default_model, wants_stream(body)
+        entry = current_entry.get() or AccessEntry("", "", "", "", "", time.perf_counter())
+        entry.model, entry.stream, entry.upstream = model, stream, True
+        response = await self.upstream.open(body, lambda: responder.gone, self._note_attempt)
         # A departed client stops its upstream answer at once; the reading task
         # (this one) is never cancelled, as a task cancelled mid-write over TLS
         # breaks a shared HTTP/2 connection for every request on it.
@@ -224,21 +329,26 @@ class App:
         try:
             if responder.gone:
                 return
-            if wants_stream(body):
-                await self._relay_stream(response, responder, wants_usage(body))
+            if stream:
+                self.counters.streams += 1
+                try:
+                    await self._relay_stream(response, responder, wants_usage(body), entry)
+                finally:
+                    self.counters.streams -= 1
             else:
-                await self._relay_whole(response, responder, body.get("model") or self.config.default_model)
+                await self._relay_whole(response, responder, model, entry)
         finally:
             await response.aclose()
 
     async def _relay_stream(self, response: httpx.Response, responder: Responder,
-                            include_usage: bool) -> None:
+                            include_usage: bool, entry: AccessEntry) -> None:
         """Forward each upstream event as it arrives; end with [DONE] or one error event."""
         relay = StreamRelay(include_usage)
         decoder = SSEDecoder()
         await responder.start(200, SSE_HEADERS)
         keepalive = KeepAlive(responder, self.config.sse_keepalive)
         frames: list[bytes] = []
+        ttfb = None
         try:
             async for raw in response.aiter_bytes():
                 keepalive.touch()
@@ -248,26 +358,42 @@ class App:
                 if frames:
                     await responder.write(frames[0] if len(frames) == 1 else b"".join(frames))
                     frames.clear()
+                    if ttfb is None:
+                        entry.ttfb = ttfb = time.perf_counter() - entry.started
                 if responder.gone:
                     return
-            tail = relay.finish() if relay.done else error_frame(incomplete_failure().error())
+            if relay.done:
+                tail = relay.finish()
+            else:
+                tail = self._stream_failed(entry, incomplete_failure().error())
         except UpstreamStreamError as exc:
-            tail = b"".join(frames) + error_frame(exc.error)  # the events before the error still count
+            # the events before the error still count
+            tail = b"".join(frames) + self._stream_failed(entry, exc.error)
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
-            tail = _stream_failure(exc)
+            tail = self._stream_failed(entry, _stream_failure(exc))
         finally:
             keepalive.stop()
+            entry.note_usage(relay.usage)
         await responder.write(tail)
         await responder.end()
 
-    async def _relay_whole(self, response: httpx.Response, responder: Responder, model: str) -> None:
+    @staticmethod
+    def _stream_failed(entry: AccessEntry, error: dict) -> bytes:
+        """The last event of a stream that upstream failed after the 200; the access line says why."""
+        entry.end, entry.reason = "upstream_error", str(error.get("message"))
+        return error_frame(error)
+
+    async def _relay_whole(self, response: httpx.Response, responder: Responder, model: str,
+                           entry: AccessEntry) -> None:
         """Aggregate the upstream events into one chat.completion object."""
         aggregator = CompletionAggregator(model)
         decoder = SSEDecoder()
         try:
             async for raw in response.aiter_bytes():
+                if entry.ttfb is None:
+                    entry.ttfb = time.perf_counter() - entry.started
                 for event in decoder.feed(raw):
                     aggregator.add(*event)
                 if responder.gone:
@@ -280,7 +406,9 @@ class App:
             raise answer_failure(exc) from None
         if not aggregator.done:
             raise incomplete_failure()
-        await responder.send(200, JSON_HEADERS, dumps(aggregator.result()))
+        result = aggregator.result()
+        entry.note_usage(result.get("usage"))
+        await responder.send(200, JSON_HEADERS, dumps(result))
 
     async def list_models(self, request: Request, responder: Responder) -> None:
         models = await self.catalog.models()
@@ -311,10 +439,64 @@ class App:
             "routes": {name: {"configured": r is not None, "healthy": bool(r and r.healthy)}
                        for name, r in routes.items()},
             "requests": {"total": counters.total, "active": counters.active,
-                         "errors": counters.errors, "upstream_retries": self.upstream.retries},
+                         "errors": counters.errors, "upstream_retries": self.upstream.retries,
+                         "streams": counters.streams},
             "warnings": self._warnings(),
         }
+        reason = self.unready_reason()
+        info["ready"], info["ready_reason"] = reason is None, reason
+        info["actions"] = self._actions(info)
         return info
+
+    def _actions(self, info: dict) -> list[str]:
+        """What the operator should do about each problem: settings to set, never a secret."""
+        actions = []
+        if not self.upstream.routes:
+            actions.append("No SambaNova credentials: set SAMBA_EMAIL and SAMBA_PASSWORD (your SambaNova "
+                           "Cloud login), or SAMBA_ACCESS_TOKEN, or SAMBANOVA_API_KEY, in the environment "
+                           "or .env, then restart the proxy.")
+        elif info["token_status"] == "error" and info["last_error"]:
+            wait = info["next_attempt_in"]
+            when = f"the next attempt is in {wait}s" if wait else "the next attempt is due now"
+            actions.append(f"The last SambaNova login failed: {info['last_error']}; {when}. If the email "
+                           "or password is wrong, correct SAMBA_EMAIL / SAMBA_PASSWORD and restart.")
+        elif self.key_route is None and (reason := self.tokens.unready_reason()) \
+                and not self.tokens.has_credentials:
+            actions.append(f"{reason}.")
+        if not self.keys:
+            actions.append(NO_KEY_RISK)
+        return actions
+
+    def unready_reason(self) -> str | None:
+        """Why no chat completion could be served now (None: ready); no upstream call."""
+        if self.server.closing:
+            return "shutting down"
+        if self.key_route is not None:
+            return None
+        if self.account_route is None:
+            return ("no SambaNova credentials: set SAMBA_EMAIL and SAMBA_PASSWORD, "
+                    "SAMBA_ACCESS_TOKEN or SAMBANOVA_API_KEY")
+        return self.tokens.unready_reason()
+
+    async def healthz(self, request: Request, responder: Responder) -> None:
+        """Liveness: answering at all shows the event loop runs."""
+        await responder.send(200, JSON_HEADERS + [("cache-control", "no-store")], b'{"status":"ok"}')
+
+    async def readyz(self, request: Request, responder: Responder) -> None:
+        """Readiness: 200 when a completion could be served now, else 503 with the reason."""
+        reason = self.unready_reason()
+        headers = JSON_HEADERS + [("cache-control", "no-store")]
+        if reason is None:
+            return await responder.send(200, headers, b'{"status":"ready"}')
+        await responder.send(503, headers, dumps({"status": "not_ready", "reason": reason}))
+
+    async def metrics_page(self, request: Request, responder: Responder) -> None:
+        headers = [("content-type", metrics.CONTENT_TYPE), ("cache-control", "no-store")]
+        await responder.send(200, headers, self.metrics.render())
+
+    async def favicon(self, request: Request, responder: Responder) -> None:
+        headers = [("content-type", "image/svg+xml"), ("cache-control", "public, max-age=86400")]
+        await responder.send(200, headers, FAVICON)
 
     def _warnings(self) -> list[str]:
         warnings = []
@@ -340,29 +522,21 @@ class App:
         task.add_done_callback(self._background.discard)
 
 
-def _stream_failure(exc: httpx.HTTPError) -> bytes:
-    """The last event of a stream whose upstream failed after the 200 was sent."""
+def _stream_failure(exc: httpx.HTTPError) -> dict:
+    """The error of a stream whose upstream failed after the 200 was sent."""
     failure = answer_failure(exc)
     if failure.status != 504:
         log.warning("upstream stream failed: %s", type(exc).__name__)
-    return error_frame(failure.error())
+    return failure.error()
 
 
 def _ssl_context(config: Config) -> ssl.SSLContext | None:
-    if not config.tls_cert_file:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
-    context.set_alpn_protocols(["h2", "http/1.1"])
-    return context
+    return config.ssl_context()
 
 
-def configure_logging(level: str) -> None:
-    """One line per record on stderr; protocol libraries kept quiet (hpack logs header values)."""
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+def configure_logging(level: str, fmt: str = "text") -> None:
+    """LOG_LEVEL and LOG_FORMAT for every logger (accesslog.configure_logging)."""
+    _configure_logging(level, fmt)
 
 
 async def serve(config: Config) -> None:
@@ -379,17 +553,25 @@ async def serve(config: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Start-up problems end in one line on stderr naming the setting or file, and exit code 2."""
+    warnings: list[str] = []
     try:
-        config = load_config(argv, dict(os.environ), __version__)
+        config = load_config(argv, dict(os.environ), __version__, warnings)
     except ConfigError as exc:
         sys.stderr.write(f"sambaproxy: {exc}\n")
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_format)
+    for warning in warnings:
+        logging.getLogger("sambaproxy.config").warning("%s", warning)
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:
+        sys.stderr.write(f"sambaproxy: {exc}\n")
+        return 2
     except OSError as exc:
-        sys.stderr.write(f"sambaproxy: cannot listen on {config.host}:{config.port}: {exc.strerror}\n")
-        return 1
+        reason = exc.strerror or type(exc).__name__
+        sys.stderr.write(f"sambaproxy: cannot listen on HOST={config.host} PORT={config.port}: {reason}\n")
+        return 2
     return 0
 
 

@@ -243,10 +243,11 @@ class _ChunkReader:
 class StreamRelay(_ChunkReader):
     """Turns upstream chunk events into client frames, re-encoding only chunks that must change."""
 
-    __slots__ = ("include_usage",)
+    __slots__ = ("include_usage", "usage")
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
+        self.usage: dict | None = None  # the last usage object upstream sent (for the access log)
         self.done = False   # upstream sent [DONE]
         self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
 
@@ -265,7 +266,9 @@ class StreamRelay(_ChunkReader):
             # OpenAI clients index chunk.choices unconditionally.
             chunk["choices"] = choices = []
             changed = True
-        if not self.include_usage and chunk.get("usage") is not None:
+        if type(usage := chunk.get("usage")) is dict:
+            self.usage = usage
+        if not self.include_usage and usage is not None:
             if not choices:
                 return None  # the usage-only chunk is for clients that asked for it
             del chunk["usage"]

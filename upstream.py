@@ -138,6 +138,10 @@ class ApiKeyRoute:
                          "upstream_auth_failed")
 
 
+def _no_note(route: str, outcome: str) -> None:
+    """The default attempt listener: nobody listens."""
+
+
 class Upstream:
     """Opens upstream answers: route choice, one re-login on 401/403, retries before the first byte."""
 
@@ -149,15 +153,18 @@ class Upstream:
         self.retry_after_cap = retry_after_cap
         self.retries = 0
 
-    async def open(self, body: dict, is_gone) -> httpx.Response:
-        """Return a 200 streaming response, or raise the ProxyError the client should see."""
+    async def open(self, body: dict, is_gone, note=_no_note) -> httpx.Response:
+        """Return a 200 streaming response, or raise the ProxyError the client should see.
+
+        `note(route_name, outcome)` hears of every attempt (see attempt_outcome).
+        """
         if not self.routes:
             raise ProxyError(503, "no SambaNova credentials configured: set SAMBA_EMAIL and "
                              "SAMBA_PASSWORD, SAMBA_ACCESS_TOKEN or SAMBANOVA_API_KEY",
                              "service_unavailable", "no_credentials")
         for route in self.routes:
             try:
-                response = await self._open_route(route, body, is_gone)
+                response = await self._open_route(route, body, is_gone, note)
             except ProxyError as exc:
                 route.healthy = exc.status not in (502, 503, 504, 429)
                 if not exc.fallback or route is self.routes[-1]:
@@ -168,14 +175,17 @@ class Upstream:
             return response
         raise AssertionError("unreachable")
 
-    async def _open_route(self, route, body: dict, is_gone) -> httpx.Response:
+    async def _open_route(self, route, body: dict, is_gone, note) -> httpx.Response:
         attempt = 0
         auth_retried = False
         while True:
             token = await route.credential()
             try:
-                return await self._send_once(route, body, token)
+                response = await self._send_once(route, body, token)
+                note(route.name, "ok")
+                return response
             except _Rejected:
+                note(route.name, "rejected" if auth_retried else "relogin")
                 if auth_retried:
                     raise ProxyError(502, "SambaNova rejected the credentials again after a "
                                      "fresh login", "upstream_error", "upstream_auth_failed") from None
@@ -184,9 +194,12 @@ class Upstream:
                 continue
             except ProxyError as error:
                 if error.fallback and route is not self.routes[-1]:
+                    note(route.name, attempt_outcome(error))
                     raise
                 if not error.retryable or attempt >= len(self.retry_delays) or is_gone():
+                    note(route.name, attempt_outcome(error))
                     raise
+                note(route.name, "retried")
                 delay = self._retry_delay(attempt, error.retry_after)
                 log.info("upstream failed (%s); retry %d in %.1fs", error.code, attempt + 1, delay)
             attempt += 1
@@ -214,6 +227,17 @@ class Upstream:
             return min(seconds, self.retry_after_cap)
         base = self.retry_delays[attempt]
         return base * (0.5 + random.random())
+
+
+def attempt_outcome(error: ProxyError) -> str:
+    """How a last upstream attempt failed, for the attempts metric."""
+    if error.status == 429:
+        return "rate_limited"
+    if error.status == 504:
+        return "timeout"
+    if error.code == "upstream_unreachable":
+        return "unreachable"
+    return "server_error" if error.status >= 500 else "client_error"
 
 
 class _Rejected(Exception):
