@@ -252,6 +252,11 @@ class FakeSamba(FakeHTTPServer):
         self.login_retry_after: str | None = None  # Retry-After of a forced login error
         self.login_attempts = 0
         self.logins = 0
+        # "config", "authenticate", "authorize" or "callback": that login step never answers
+        # (until its client leaves); hung_steps counts the requests held so, gone ones counted too.
+        self.login_hang: str | None = None
+        self.hung_steps = 0
+        self.hung_steps_gone = 0
         self.tokens: set[str] = set()
         self.issued: list[str] = []           # every token ever handed out, revoked ones too
         self.completions: list[dict] = []
@@ -343,7 +348,20 @@ class FakeSamba(FakeHTTPServer):
         page = b"<!doctype html><title>SambaNova Cloud (fake)</title><p>Signed in.</p>"
         await conn.respond(200, [("content-type", "text/html; charset=utf-8")], page)
 
+    async def _hang_if(self, conn: Conn, step: str) -> None:
+        """Hold a login step that is scripted to hang until its client leaves (raises Gone)."""
+        if self.login_hang != step:
+            return
+        self.hung_steps += 1
+        self._notify()
+        try:
+            await conn.until_gone()
+        finally:
+            self.hung_steps_gone += 1
+            self._notify()
+
     async def _config(self, conn: Conn, req: Request) -> None:
+        await self._hang_if(conn, "config")
         await self._json(conn, 200, {"clientId": self.client_id, "redirectURL": self.redirect_url,
                                      "issuerBaseUrl": f"{self.url}/auth", "baseURL": self.url})
 
@@ -351,6 +369,7 @@ class FakeSamba(FakeHTTPServer):
         """Auth0 cross-origin authentication: credentials in, login ticket out."""
         self.login_attempts += 1
         self._notify()
+        await self._hang_if(conn, "authenticate")
         if self.login_status is not None:
             return await self._forced_login_error(conn, self.login_status)
         body = req.json()
@@ -385,6 +404,7 @@ class FakeSamba(FakeHTTPServer):
 
     async def _authorize(self, conn: Conn, req: Request) -> None:
         """Trade a login ticket for an authorization code, by redirect (RFC 6749 §4.1.2)."""
+        await self._hang_if(conn, "authorize")
         q = req.query
         if q.get("client_id") != self.client_id or q.get("redirect_uri") != self.redirect_url:
             # RFC 6749 §4.1.2.1: never redirect to an unverified redirect_uri.
@@ -415,6 +435,7 @@ class FakeSamba(FakeHTTPServer):
 
     async def _callback(self, conn: Conn, req: Request) -> None:
         """Check code, state and the nonce cookie, then set access_token and go home."""
+        await self._hang_if(conn, "callback")
         nonce, state = self._codes.pop(req.query.get("code", ""), (None, None))
         if nonce is None:
             return await self._plain(conn, 400, "invalid or used code")
