@@ -118,3 +118,117 @@ def test_starts_without_credentials_and_stops_cleanly_on_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# --- start-up errors: one clear line naming the setting or file, exit code 2 ---------------------
+
+def one_line_exit_2(result) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    return result.stderr
+
+
+def test_junk_tls_certificate_names_the_setting(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    line = one_line_exit_2(run_main("--env-file", "/dev/null", env={"TLS_CERT_FILE": str(cert),
+                                                                     "TLS_KEY_FILE": str(key)}))
+    assert line.startswith(f"sambaproxy: invalid TLS_CERT_FILE='{cert}': not a PEM certificate")
+
+
+def test_junk_tls_key_with_a_good_certificate_names_the_key(tmp_path, certificate):
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    line = one_line_exit_2(run_main("--env-file", "/dev/null", env={"TLS_CERT_FILE": certificate[0],
+                                                                     "TLS_KEY_FILE": str(key)}))
+    assert line.startswith(f"sambaproxy: invalid TLS_KEY_FILE='{key}': not a PEM private key")
+
+
+def test_good_tls_files_pass_the_start_up_check(certificate):
+    context = Config.from_mapping({"TLS_CERT_FILE": certificate[0], "TLS_KEY_FILE": certificate[1]}).ssl_context()
+    assert context is not None
+
+
+def test_env_file_with_invalid_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.env"
+    path.write_bytes(b"HOST=127.0.0.1\nDEFAULT_MODEL=caf\xe9\n")
+    line = one_line_exit_2(run_main("--env-file", str(path)))
+    assert line == f"sambaproxy: cannot read env file '{path}': line 2 is not valid UTF-8\n"
+
+
+def test_env_file_with_a_bom_reads_its_first_line(tmp_path):
+    path = tmp_path / "bom.env"
+    path.write_bytes("\ufeffPORT=7000\nHOST=127.0.0.2\n".encode("utf-8"))
+    assert read_env_file(str(path)) == {"PORT": "7000", "HOST": "127.0.0.2"}
+
+
+def test_an_env_file_named_explicitly_must_exist_but_the_default_may_be_absent(tmp_path):
+    line = one_line_exit_2(run_main("--env-file", str(tmp_path / "nope" / ".env")))
+    assert line == f"sambaproxy: cannot read env file '{tmp_path / 'nope' / '.env'}': no such file\n"
+    assert read_env_file(str(tmp_path / "absent.env")) == {}
+
+
+@pytest.mark.parametrize("line, value", [
+    ('SAMBA_PASSWORD="s3cret" # the password', "s3cret"),
+    ("SAMBA_PASSWORD='s3 #cret'   #comment", "s3 #cret"),
+    ('SAMBA_PASSWORD="s3cret"', "s3cret"),
+    ('SAMBA_PASSWORD="s3cret"x', '"s3cret"x'),
+    ("SAMBA_PASSWORD=plain # comment", "plain"),
+    ('SAMBA_PASSWORD="unclosed # comment', '"unclosed'),
+])
+def test_quoted_values_lose_their_quotes_and_trailing_comments(tmp_path, line, value):
+    assert read_env_file(write(tmp_path, line + "\n"))["SAMBA_PASSWORD"] == value
+
+
+def test_unknown_names_that_look_like_ours_get_one_warning_each(tmp_path):
+    path = write(tmp_path, "SAMBA_EMAL=a@b.c\nTOKEN_CACHE_TIMEOUT=5\nUPSTREAM_ZZZ=1\nOTHER_THING=1\n")
+    warnings: list[str] = []
+    load_config(["--env-file", path], {}, "t", warnings)
+    assert warnings == [f"unknown setting SAMBA_EMAL in {path}: did you mean SAMBA_EMAIL?",
+                        f"unknown setting TOKEN_CACHE_TIMEOUT in {path}: did you mean TOKEN_CACHE_TIME?",
+                        f"unknown setting UPSTREAM_ZZZ in {path}: it is ignored"]
+
+
+def test_unknown_name_warning_is_logged_at_start_up(tmp_path):
+    path = write(tmp_path, "SAMBA_EMAL=a@b.c\nHOST=127.0.0.1\nPORT=0\nTOKEN_CACHE_FILE=\n")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}
+    process = subprocess.Popen([sys.executable, "sambaproxy.py", "--env-file", path], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if "listening on" in line:
+                break
+        assert any("WARNING sambaproxy.config: unknown setting SAMBA_EMAL" in s and "SAMBA_EMAIL?" in s
+                   for s in seen), seen
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    ((), {"PORT": "abc"}, "sambaproxy: invalid PORT='abc': must be a port number from 0 to 65535\n"),
+    (("--port", "abc"), {}, "sambaproxy: invalid --port 'abc': must be a port number from 0 to 65535\n"),
+    (("--port", "99999"), {}, "sambaproxy: invalid --port '99999': must be a port number from 0 to 65535\n"),
+    ((), {"UPSTREAM_READ_TIMEOUT": "soon"},
+     "sambaproxy: invalid UPSTREAM_READ_TIMEOUT='soon': must be a positive number of seconds\n"),
+    ((), {"MAX_BODY_BYTES": "1e3"}, "sambaproxy: invalid MAX_BODY_BYTES='1e3': must be a whole number of at least 1\n"),
+])
+def test_malformed_numbers_say_what_is_expected_and_flags_are_named_as_flags(args, env, expected):
+    assert one_line_exit_2(run_main("--env-file", "/dev/null", *args, env=env)) == expected
+
+
+def test_a_port_in_use_names_host_and_port():
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = one_line_exit_2(run_main("--env-file", "/dev/null", env={"HOST": "127.0.0.1", "PORT": str(port),
+                                                                         "TOKEN_CACHE_FILE": ""}))
+    assert line.startswith(f"sambaproxy: cannot listen on HOST=127.0.0.1 PORT={port}: ")
