@@ -542,11 +542,11 @@ def configure_logging(level: str, fmt: str = "text") -> None:
 async def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then stop gracefully."""
     app = App(config)
-    await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before "listening": a SIGTERM right after it stops cleanly
         loop.add_signal_handler(sig, stop.set)
+    await app.start()
     await stop.wait()
     log.info("shutting down")
     await app.aclose()
