@@ -427,3 +427,54 @@ async def test_status_page_opens_in_headless_chromium_without_console_errors(pro
     assert 'id="svc"' in result.stdout and "unreachable" not in result.stdout.split('id="svc"', 1)[1][:80]
     assert not console, console
     assert "ERR_UNSAFE_PORT" not in result.stderr
+
+
+# Runs the status page's script under Node with a stub DOM and the /info answer given on stdin;
+# prints what the page shows in its warning list and its "ready" field, or throws.
+PAGE_HARNESS = r"""
+const fs = require("fs");
+const info = JSON.parse(fs.readFileSync(0, "utf8"));
+const script = fs.readFileSync(process.argv[2], "utf8");
+function element() {
+  const e = {textContent: "", className: "", title: "", innerHTML: "", children: [],
+             classList: {toggle() {}}, appendChild(c) { this.children.push(c); }};
+  Object.defineProperty(e, "textContent", {get() { return this._t || ""; },
+                                           set(v) { this._t = String(v); if (v === "") this.children = []; }});
+  return e;
+}
+const elements = {};
+global.document = {getElementById: (id) => (elements[id] = elements[id] || element()),
+                   createElement: () => element(), body: element()};
+global.location = {origin: "http://127.0.0.1"};
+global.window = global;
+global.fetch = () => Promise.resolve({ok: true, json: () => Promise.resolve(info)});
+global.setInterval = () => 0;
+const realTimeout = setTimeout;
+global.setTimeout = (fn, ms) => (ms >= 1000 ? 0 : realTimeout(fn, ms));
+process.on("unhandledRejection", (e) => { console.error(e); process.exit(3); });
+new Function(script)();
+realTimeout(() => {
+  const warns = elements.warns.children.map((li) => ({cls: li.className, text: li.textContent}));
+  console.log(JSON.stringify({warns, ready: elements.ready.textContent, svc: elements.svc.textContent}));
+}, 50);
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+async def test_status_page_shows_what_to_do(fake, start_proxy, tmp_path):
+    app = await start_proxy(fake, SAMBA_EMAIL=None, SAMBA_PASSWORD=None, LOCAL_API_KEY=None)
+    async with httpx.AsyncClient(timeout=10) as client:
+        page = (await client.get(f"{app.url}/")).text
+        info = (await client.get(f"{app.url}/info")).text
+    script = tmp_path / "page.js"
+    script.write_text(page.split("<script>", 1)[1].split("</script>", 1)[0])
+    harness = tmp_path / "harness.js"
+    harness.write_text(PAGE_HARNESS)
+    result = await asyncio.to_thread(subprocess.run, ["node", str(harness), str(script)], input=info,
+                                     capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["svc"] == "running" and shown["ready"].startswith("no: no SambaNova credentials")
+    todo = [w["text"] for w in shown["warns"] if w["cls"] == "todo"]
+    assert len(todo) == 2 and "SAMBA_EMAIL" in todo[0] and "LOCAL_API_KEY" in todo[1]
+    assert 'rel="icon"' in page and 'href="favicon.ico"' in page
