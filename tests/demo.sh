@@ -44,12 +44,15 @@ cat <<EOF
 demo: fake SambaNova on $FAKE (login $DEMO_EMAIL); starting the proxy on $PROXY.
 demo: try, from another terminal (add -H 'authorization: Bearer <key>' if LOCAL_API_KEY is set):
   curl $PROXY/info
+  curl $PROXY/healthz        (liveness)      curl $PROXY/readyz   (readiness: 200 once logged in)
+  curl $PROXY/metrics        (Prometheus; needs the key unless METRICS_PUBLIC=1)
   curl $PROXY/v1/models
   curl $PROXY/v1/chat/completions -H 'content-type: application/json' \\
        -d '{"model": "DeepSeek-R1", "messages": [{"role": "user", "content": "Hello"}]}'
   curl -N $PROXY/v1/chat/completions -H 'content-type: application/json' \\
        -d '{"model": "DeepSeek-R1", "stream": true, "messages": [{"role": "user", "content": "Hello"}]}'
-  open $PROXY/ in a browser for the status page.  Ctrl-C stops both.
+  open $PROXY/ in a browser for the status page.  One access-log line per request below.
+  Ctrl-C stops both.
 EOF
 
 # The environment wins over .env, so these keep a local .env from pointing the demo elsewhere.
