@@ -118,11 +118,30 @@ class AccessEntry:
                 "completion_tokens": self.completion_tokens, "end": self.end, "reason": self.reason}
 
 
+def log_access(level: int, entry: AccessEntry) -> None:
+    """Write the access line at `level`; it costs nothing more than a level check when that level is off.
+
+    makeRecord + handle is what Logger.info does, minus the stack walk that finds the caller
+    (the access line's caller is always the same), which is a third of the cost on this hot path.
+    """
+    if access_log.isEnabledFor(level):
+        access_log.handle(access_log.makeRecord(access_log.name, level, __file__, 0, entry, (), None))
+
+
 class TextFormatter(logging.Formatter):
     """The classic line, with ` request_id=...` on lines written while a request is handled."""
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
+        self._second = -1
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The default asctime (local time, then ,milliseconds), strftime'd once per second."""
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)

@@ -21,7 +21,7 @@ import urllib.parse
 import httpx
 
 import metrics
-from accesslog import NOISY_LOGGERS, AccessEntry, RequestIds, access_log, current_entry
+from accesslog import NOISY_LOGGERS, AccessEntry, RequestIds, current_entry, log_access
 from accesslog import configure_logging as _configure_logging
 from config import Config, ConfigError, load_config
 from server import ClientGone, Request, Responder, Server
@@ -231,11 +231,9 @@ class App:
         if responder.gone and not responder.ended and entry.end == "done":
             entry.end = "client_gone"
         if entry.status == 401 or entry.end == "upstream_error":
-            access_log.warning(entry)
-        elif counted:
-            access_log.info(entry)
+            log_access(logging.WARNING, entry)
         else:
-            access_log.debug(entry)
+            log_access(logging.INFO if counted else logging.DEBUG, entry)
         if counted:
             self._count(entry)
 
