@@ -24,6 +24,8 @@ import metrics
 from accesslog import NOISY_LOGGERS, AccessEntry, RequestIds, current_entry, log_access
 from accesslog import configure_logging as _configure_logging
 from config import Config, ConfigError, load_config
+from http1 import H11Driver
+from http2 import H2Driver
 from server import ClientGone, Request, Responder, Server
 from chat import RequestError, parse_chat_request, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
@@ -163,11 +165,13 @@ class App:
         return m
 
     def _connections_by_protocol(self) -> dict:
-        counts = {("http/1.1",): 0, ("h2",): 0}
+        """Open client connections by protocol; "unknown" until the first bytes tell (cleartext)."""
+        counts = {("http/1.1",): 0, ("h2",): 0, ("unknown",): 0}
         for conn in self.server.connections:
-            kind = type(conn.driver).__name__
-            key = ("h2",) if kind == "H2Driver" else ("http/1.1",) if kind == "H11Driver" else ("unknown",)
-            counts[key] = counts.get(key, 0) + 1
+            driver = conn.driver
+            key = ("h2",) if isinstance(driver, H2Driver) else ("http/1.1",) if isinstance(driver, H11Driver) \
+                else ("unknown",)
+            counts[key] += 1
         return counts
 
     @property
