@@ -20,12 +20,10 @@ import urllib.parse
 
 import httpx
 
-import metrics
-from accesslog import NOISY_LOGGERS, AccessEntry, RequestIds, current_entry, log_access
+from accesslog import NOISY_LOGGERS, AccessEntry, RequestIds, current_entry  # noqa: F401 (NOISY_LOGGERS: for tests)
 from accesslog import configure_logging as _configure_logging
 from config import Config, ConfigError, load_config
-from http1 import H11Driver
-from http2 import H2Driver
+from ops import QUIET_ROUTES, Operations
 from server import ClientGone, Request, Responder, Server
 from chat import RequestError, parse_chat_request, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
@@ -43,15 +41,6 @@ JSON_HEADERS = [("content-type", "application/json"), CORS_ORIGIN]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
                ("cache-control", "no-cache"), ("x-accel-buffering", "no"), CORS_ORIGIN]
 PREFLIGHT_ALLOW = "authorization, content-type"
-# Paths for people and machines watching the proxy: never counted, logged at debug only.
-QUIET_ROUTES = frozenset(("/info", "/", "/healthz", "/readyz", "/metrics", "/favicon.ico"))
-FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
-           b'<rect width="16" height="16" rx="3" fill="#2563eb"/>'
-           b'<path d="M3 11.5 8 4l5 7.5z" fill="#fff"/></svg>')
-NO_KEY_RISK = ("LOCAL_API_KEY is not set: anyone who can reach this port can use your SambaNova "
-               "account. Set LOCAL_API_KEY to one or more client keys and restart.")
-
-
 class KeepAlive:
     """Sends `: keep-alive` when upstream has been silent for `interval` seconds."""
 
@@ -125,54 +114,20 @@ class App:
             "/info": {"GET": self.info},
             "/": {"GET": self.page},
             "/debug/token": {"GET": self.debug_token},
-            "/healthz": {"GET": self.healthz},
-            "/readyz": {"GET": self.readyz},
-            "/metrics": {"GET": self.metrics_page},
-            "/favicon.ico": {"GET": self.favicon},
         }
-        self.open_routes = frozenset(("/info", "/", "/healthz", "/readyz", "/favicon.ico")
-                                     + (("/metrics",) if config.metrics_public else ()))
+        self.ops = Operations(self, __version__)
+        self.routes.update(self.ops.routes())
+        self.open_routes = frozenset(("/info", "/", *self.ops.open_routes(config.metrics_public)))
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
                              ssl_context=_ssl_context(config), error_body=error_body)
         self._background: set[asyncio.Task] = set()
         self.request_ids = RequestIds()
-        self.metrics = self._make_metrics()
 
     def _make_catalog(self) -> ModelCatalog:
         if self.key_route and not self.account_route:
             return ModelCatalog(self.client, self.config.sambanova_api_url + "/models",
                                 {"authorization": self.key_route.authorization})
         return ModelCatalog(self.client, self.config.samba_models_url, {})
-
-    def _make_metrics(self) -> metrics.GatewayMetrics:
-        """The request-path metrics, plus gauges read from live state at each scrape."""
-        m = metrics.GatewayMetrics()
-        m.gauge("sambaproxy_active_requests", "Requests being handled (not counting the quiet routes).",
-                (), lambda: {(): self.counters.active})
-        m.gauge("sambaproxy_active_streams", "Streamed answers being relayed.", (),
-                lambda: {(): self.counters.streams})
-        m.counter("sambaproxy_logins_total", "SambaNova logins by outcome.", ("outcome",),
-                  lambda: {(k,): v for k, v in self.tokens.login_outcomes.items()})
-        m.gauge("sambaproxy_token_expiry_seconds", "Seconds the SambaNova token stays valid (0: none).",
-                (), lambda: {(): self.tokens.expires_in()})
-        m.gauge("sambaproxy_ready", "1 when a chat completion can be served now (as /readyz).", (),
-                lambda: {(): 0 if self.unready_reason() else 1})
-        m.gauge("sambaproxy_open_connections", "Open client connections by protocol.", ("protocol",),
-                self._connections_by_protocol)
-        m.gauge("sambaproxy_build_info", "Always 1; the version is a label.", ("version",),
-                lambda: {(__version__,): 1})
-        metrics.add_process_metrics(m.registry)
-        return m
-
-    def _connections_by_protocol(self) -> dict:
-        """Open client connections by protocol; "unknown" until the first bytes tell (cleartext)."""
-        counts = {("http/1.1",): 0, ("h2",): 0, ("unknown",): 0}
-        for conn in self.server.connections:
-            driver = conn.driver
-            key = ("h2",) if isinstance(driver, H2Driver) else ("http/1.1",) if isinstance(driver, H11Driver) \
-                else ("unknown",)
-            counts[key] += 1
-        return counts
 
     @property
     def port(self) -> int:
@@ -225,45 +180,7 @@ class App:
         finally:
             if counted:
                 counters.active -= 1
-            self._log_access(entry, responder, counted)
-
-    def _log_access(self, entry: AccessEntry, responder: Responder, counted: bool) -> None:
-        """The request's one access line and, if counted, its metrics."""
-        entry.duration = time.perf_counter() - entry.started
-        entry.sent = responder.sent
-        entry.status = responder.status or (500 if entry.end == "error" else 499)
-        if responder.gone and not responder.ended and entry.end == "done":
-            entry.end = "client_gone"
-        if entry.status == 401 or entry.end == "upstream_error":
-            log_access(logging.WARNING, entry)
-        else:
-            log_access(logging.INFO if counted else logging.DEBUG, entry)
-        if counted:
-            self._count(entry)
-
-    def _count(self, entry: AccessEntry) -> None:
-        m = self.metrics
-        path = entry.path
-        route = path if path in self.routes else (
-            "/v1/models/{id}" if path.startswith(("/v1/models/", "/models/")) else "unmatched")
-        method = entry.method if entry.method in metrics.METHODS else "other"
-        m.requests.inc((route, method, str(entry.status)))
-        if entry.model is None:
-            return
-        labels = (m.model_label(entry.model), "true" if entry.stream else "false")
-        m.duration.observe(labels, entry.duration)
-        if entry.ttfb is not None:
-            m.ttft.observe(labels, entry.ttfb)
-        if entry.prompt_tokens is not None:
-            m.prompt_tokens.inc(labels[:1], entry.prompt_tokens)
-            m.completion_tokens.inc(labels[:1], entry.completion_tokens)
-
-    def _note_attempt(self, route: str, outcome: str) -> None:
-        """Upstream.open's listener: the attempts metric and the request's route."""
-        self.metrics.upstream_attempts.inc((route, outcome))
-        entry = current_entry.get()
-        if entry is not None:
-            entry.route = route
+            self.ops.finish(entry, responder, counted)
 
     async def _dispatch(self, request: Request, responder: Responder) -> None:
         methods = self.routes.get(request.path)
@@ -323,7 +240,7 @@ class App:
         model, stream = body.get("model") or self.config.default_model, wants_stream(body)
         entry = current_entry.get() or AccessEntry("", "", "", "", "", time.perf_counter())
         entry.model, entry.stream, entry.upstream = model, stream, True
-        response = await self.upstream.open(body, lambda: responder.gone, self._note_attempt)
+        response = await self.upstream.open(body, lambda: responder.gone, self.ops.note_attempt)
         # A departed client stops its upstream answer at once; the reading task
         # (this one) is never cancelled, as a task cancelled mid-write over TLS
         # breaks a shared HTTP/2 connection for every request on it.
@@ -445,60 +362,10 @@ class App:
                          "streams": counters.streams},
             "warnings": self._warnings(),
         }
-        reason = self.unready_reason()
+        reason = self.ops.unready_reason()
         info["ready"], info["ready_reason"] = reason is None, reason
-        info["actions"] = self._actions(info)
+        info["actions"] = self.ops.actions(info)
         return info
-
-    def _actions(self, info: dict) -> list[str]:
-        """What the operator should do about each problem: settings to set, never a secret."""
-        actions = []
-        if not self.upstream.routes:
-            actions.append("No SambaNova credentials: set SAMBA_EMAIL and SAMBA_PASSWORD (your SambaNova "
-                           "Cloud login), or SAMBA_ACCESS_TOKEN, or SAMBANOVA_API_KEY, in the environment "
-                           "or .env, then restart the proxy.")
-        elif info["token_status"] == "error" and info["last_error"]:
-            wait = info["next_attempt_in"]
-            when = f"the next attempt is in {wait}s" if wait else "the next attempt is due now"
-            actions.append(f"The last SambaNova login failed: {info['last_error']}; {when}. If the email "
-                           "or password is wrong, correct SAMBA_EMAIL / SAMBA_PASSWORD and restart.")
-        elif self.key_route is None and (reason := self.tokens.unready_reason()) \
-                and not self.tokens.has_credentials:
-            actions.append(f"{reason}.")
-        if not self.keys:
-            actions.append(NO_KEY_RISK)
-        return actions
-
-    def unready_reason(self) -> str | None:
-        """Why no chat completion could be served now (None: ready); no upstream call."""
-        if self.server.closing:
-            return "shutting down"
-        if self.key_route is not None:
-            return None
-        if self.account_route is None:
-            return ("no SambaNova credentials: set SAMBA_EMAIL and SAMBA_PASSWORD, "
-                    "SAMBA_ACCESS_TOKEN or SAMBANOVA_API_KEY")
-        return self.tokens.unready_reason()
-
-    async def healthz(self, request: Request, responder: Responder) -> None:
-        """Liveness: answering at all shows the event loop runs."""
-        await responder.send(200, JSON_HEADERS + [("cache-control", "no-store")], b'{"status":"ok"}')
-
-    async def readyz(self, request: Request, responder: Responder) -> None:
-        """Readiness: 200 when a completion could be served now, else 503 with the reason."""
-        reason = self.unready_reason()
-        headers = JSON_HEADERS + [("cache-control", "no-store")]
-        if reason is None:
-            return await responder.send(200, headers, b'{"status":"ready"}')
-        await responder.send(503, headers, dumps({"status": "not_ready", "reason": reason}))
-
-    async def metrics_page(self, request: Request, responder: Responder) -> None:
-        headers = [("content-type", metrics.CONTENT_TYPE), ("cache-control", "no-store")]
-        await responder.send(200, headers, self.metrics.render())
-
-    async def favicon(self, request: Request, responder: Responder) -> None:
-        headers = [("content-type", "image/svg+xml"), ("cache-control", "public, max-age=86400")]
-        await responder.send(200, headers, FAVICON)
 
     def _warnings(self) -> list[str]:
         warnings = []

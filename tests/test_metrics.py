@@ -16,7 +16,7 @@ def test_registry_renders_a_valid_exposition_with_escaped_labels_and_cumulative_
     counter = registry.counter("demo_requests_total", "Requests.\nSecond line \\ backslash", ("path",))
     counter.inc(('/a"b\\c\nd',))
     counter.inc(('/a"b\\c\nd',), 2)
-    gauge = registry.gauge("demo_live", "Read at scrape time.", ("kind",), lambda: {("x",): 1.5})
+    registry.gauge("demo_live", "Read at scrape time.", ("kind",), lambda: {("x",): 1.5})
     histogram = registry.histogram("demo_seconds", "Durations.", ("model",), buckets=(0.1, 1.0))
     for value in (0.05, 0.1, 0.5, 3.0):
         histogram.observe(("m",), value)
