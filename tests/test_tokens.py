@@ -144,7 +144,7 @@ async def make(clock):
                   "cache_time": 100.0, "refresh_margin": 10.0, "clock": clock, "sleep": clock.sleep,
                   "rand": lambda: 1.0, "backoff_min": 2.0, "backoff_max": 20.0,
                   "login": fake_login or FakeLogin(), **kwargs}
-        manager = TokenManager(None, **kwargs)
+        manager = TokenManager(**kwargs)
         made.append(manager)
         return manager
 
@@ -395,6 +395,43 @@ async def test_unexpected_login_exception_backs_off(make, clock):
     await manager.start()
     await clock.until_sleeping()
     assert manager.info()["last_error"] == "login failed: RuntimeError at test_tokens.py:121"
+
+
+async def test_a_login_past_login_timeout_is_a_failed_attempt_that_backs_off(make, clock):
+    fake = FakeLogin()
+    fake.hold()                            # the login never ends by itself
+    manager = make(fake, login_timeout=0.05)
+    await manager.start()
+    with pytest.raises(TokenUnavailable, match=r"LOGIN_TIMEOUT \(0\.05s\)"):
+        await asyncio.wait_for(manager.get_token(), 5)
+    info = manager.info()
+    assert info["token_status"] == "error" and info["login_failures"] == 1
+    assert info["next_attempt_in"] == 2   # backoff_min, as for any failed attempt
+    assert manager.login_outcomes == {"ok": 0, "refused": 0, "rate_limited": 0, "timeout": 1,
+                                      "unreachable": 0, "failed": 0}
+    assert fake.calls == 1 and not info["login_in_progress"]
+
+
+async def test_each_login_gets_a_fresh_client_that_is_closed_after(make, clock):
+    import httpx
+    opened = []
+
+    def open_client():
+        opened.append(httpx.AsyncClient())
+        return opened[-1]
+
+    seen = []
+
+    async def login(client, config_url, email, password):
+        seen.append(client)
+        return f"{TOKEN}-{len(seen)}"
+
+    manager = make(None, open_client=open_client, login=login)
+    await manager.start()
+    await asyncio.wait_for(manager.get_token(), 5)
+    await asyncio.wait_for(manager.token_rejected(f"{TOKEN}-1"), 5)
+    assert seen == opened and len(opened) == 2 and opened[0] is not opened[1]
+    assert all(client.is_closed for client in opened)
 
 
 async def test_aclose_stops_the_background_task(make):
