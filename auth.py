@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import secrets
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -47,10 +48,16 @@ class LoginError(Exception):
         self.outcome = outcome
 
 
-def login_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
-    """A client for one login: own cookie jar and timeouts, at most MAX_REDIRECTS redirects."""
+def login_client(transport: httpx.AsyncBaseTransport | None = None,
+                 verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+    """A client for one login: own cookie jar and timeouts, at most MAX_REDIRECTS redirects.
+
+    Pass the completion client's TLS context as `verify`: a context of its own costs about
+    1 MB (the CA bundle) per login. ALPN offers h2 like the completion client, because httpcore
+    sets the ALPN list on the shared context before each handshake.
+    """
     return httpx.AsyncClient(timeout=httpx.Timeout(LOGIN_STEP_TIMEOUT), max_redirects=MAX_REDIRECTS,
-                             transport=transport)
+                             transport=transport, verify=verify, http2=True)
 
 
 def redact(secret: str | None) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import os
 import ssl
 from typing import Callable
@@ -333,6 +332,7 @@ def unknown_setting_warnings(values: dict[str, str], path: str) -> list[str]:
     for key in values:
         if key in SETTING_NAMES or not key.startswith(OWN_PREFIXES):
             continue
+        import difflib  # only on this rare path: about 0.2 MB the proxy need not hold otherwise
         close = difflib.get_close_matches(key, SETTING_NAMES, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "it is ignored"
         warnings.append(f"unknown setting {key} in {path}: {hint}")

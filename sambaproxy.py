@@ -29,6 +29,7 @@ from chat import RequestError, parse_chat_request, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
 from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, UpstreamStreamError,
                  dumps, error_frame)
+from auth import login_client
 from tokens import TokenManager
 from upstream import AccountRoute, ApiKeyRoute, ModelCatalog, Upstream, make_client, stop_upstream
 
@@ -84,9 +85,11 @@ class App:
         self.started_at = time.time()
         self.counters = Counters()
         self.keys = tuple(key.encode() for key in config.local_api_key)
-        self.client = make_client(config)
+        # One TLS context (CA bundle loaded once) for the completion client and every login's own.
+        tls = httpx.create_ssl_context()
+        self.client = make_client(config, tls)
         self.tokens = TokenManager(
-            email=config.samba_email, password=config.samba_password,
+            lambda: login_client(verify=tls), email=config.samba_email, password=config.samba_password,
             env_token=config.samba_access_token, config_url=config.samba_config_url,
             cache_time=config.token_cache_time, refresh_margin=config.token_refresh_margin,
             cache_file=config.token_cache_file, login_timeout=config.login_timeout)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import time
 
 import h2.errors
@@ -67,10 +68,11 @@ class OutboundClient(httpx.AsyncClient):
         """Ignored: the jar stays empty."""
 
 
-def make_client(config: Config) -> httpx.AsyncClient:
-    """The one outbound client: HTTP/2, bounded pool, no cookie jar."""
+def make_client(config: Config, verify: ssl.SSLContext | bool = True) -> httpx.AsyncClient:
+    """The one outbound client: HTTP/2, bounded pool, no cookie jar; `verify` may share a TLS context."""
     return OutboundClient(
         http2=True,
+        verify=verify,
         limits=httpx.Limits(max_connections=config.upstream_max_connections,
                             max_keepalive_connections=config.upstream_max_connections),
         # Waiting for a free pooled connection is bounded like connecting: a full
