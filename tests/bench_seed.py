@@ -32,7 +32,8 @@ from hypercorn.config import Config as HypercornConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sse import CompletionAggregator, SSEDecoder, new_fingerprint, samba_payload  # noqa: E402
+from chat import new_fingerprint, samba_payload  # noqa: E402
+from sse import CompletionAggregator, SSEDecoder  # noqa: E402
 from upstream import BROWSER_HEADERS  # noqa: E402
 
 TOKEN = os.environ.get("SEED_TOKEN", "")
