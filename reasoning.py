@@ -57,6 +57,11 @@ class ThinkSplitter:
         """True once every further piece is answer, unchanged."""
         return self.state == _ANSWER
 
+    @property
+    def thinking(self) -> bool:
+        """True inside the block with nothing held: a piece without `<` is reasoning, whole."""
+        return self.state == _THINK and not self.held
+
     def feed(self, text: str) -> tuple[str, str]:
         """(reasoning, answer) of one more piece of content."""
         if self.state == _ANSWER:
@@ -161,10 +166,12 @@ class ChunkSplit:
     `apply(chunk)` changes the chunk's deltas in place and says whether it changed;
     `transform(chunk)` returns it. `finish()` gives the choice deltas still held back
     when a stream ends without a finish_reason for them. `plain` is True while a chunk
-    of choice 0 without reasoning fields would pass unchanged (the relay's byte path).
+    of choice 0 without reasoning fields would pass unchanged (the relay's byte path);
+    `thinking` is True while choice 0's content without `<` is reasoning whole (the relay
+    then moves it to reasoning_content, or empties it, in the bytes).
     """
 
-    __slots__ = ("format", "implicit", "choices", "plain", "marker")
+    __slots__ = ("format", "implicit", "choices", "plain", "thinking", "marker")
 
     def __init__(self, format: str, implicit: bool = False) -> None:
         if format not in FORMATS:
@@ -173,6 +180,7 @@ class ChunkSplit:
         self.implicit = implicit
         self.choices: dict[int, _ChoiceSplit] = {}
         self.plain = format == "raw"
+        self.thinking = False
         # Bytes of a chunk whose reasoning fields must change: parsed keeps reasoning_content as is.
         self.marker = b'"reasoning"' if format == "parsed" else b'"reasoning'
 
@@ -256,6 +264,8 @@ class ChunkSplit:
         else:
             self.plain = bool(self.choices) and all(
                 state.splitter.passthrough for state in self.choices.values())
+            first = self.choices.get(0)
+            self.thinking = len(self.choices) == 1 and first is not None and first.splitter.thinking
 
     def finish(self) -> list[dict]:
         """Choice deltas for what is still held or open at the end of a stream (often none)."""

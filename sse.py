@@ -197,6 +197,8 @@ def _load_chunk(event: str, data: bytes) -> dict | None:
 
 
 _CREATED_KEY = b'"created":'
+_CONTENT_KEY = b'"content":"'
+_THINKING_KEYS = b'"content":"","reasoning_content":"'
 _CREATED_VALUE = re.compile(rb"(-?\d+)(\.\d*)?(?=[,}])")
 
 
@@ -223,6 +225,22 @@ def _plain_chunk_frame(data: bytes) -> bytes | None:
     if value.group(2) is not None:
         data = data[:start] + value.group(1) + data[value.end():]
     return encode(data)
+
+
+def _thinking_chunk(data: bytes, format: str) -> bytes | None:
+    """A chunk inside <think> as bytes: content moved to reasoning_content (parsed) or emptied (hidden).
+
+    Only when no `<` appears, not even escaped, so no tag can begin in this content.
+    """
+    if b"<" in data or b"\\u003" in data or data.count(_CONTENT_KEY) != 1:
+        return None
+    if format == "parsed":
+        return data.replace(_CONTENT_KEY, _THINKING_KEYS, 1)
+    start = data.find(_CONTENT_KEY) + len(_CONTENT_KEY)
+    end = data.find(b'"', start)
+    if end < 0 or data.find(b"\\", start, end) >= 0:
+        return None  # an escape inside: the string's end is not the next quote
+    return data[:start] + data[end:]
 
 
 class _ChunkReader:
@@ -306,10 +324,14 @@ class StreamRelay(_ChunkReader):
         """The frame of an ordinary chunk, judged and fixed as bytes; None when unsure."""
         split = self.split
         if split is not None:
-            if not split.plain or split.marker in data:
+            if split.marker in data:
                 return None
             if split.format != "raw" and data.count(b'"index":') != data.count(b'"index":0'):
                 return None  # a choice other than the first: its split state may differ
+            if not split.plain:
+                data = _thinking_chunk(data, split.format) if split.thinking else None
+                if data is None:
+                    return None
         at = data.find(self._id_bytes)
         if at < 0:
             return None

@@ -211,3 +211,52 @@ def test_unknown_format_is_refused():
 ])
 def test_split_message(format, implicit, message, expected):
     assert split_message(message, format, implicit) == expected
+
+
+# --- the relay's byte paths give what the full parse gives ------------------------------
+
+import json  # noqa: E402
+
+import sse  # noqa: E402
+from fake_samba import Reply, sse_frame, stream_events  # noqa: E402
+from test_sse_decoder import decode_all  # noqa: E402
+
+THINKING_TEXTS = [
+    "<think>Some plain thinking words here</think>\n\nThe answer is short.",
+    '<think>x < 5, caf\u00e9, "quoted" and back\\slash, </th ink></think> Done: a < b.',
+    "Implicit thinking only, then</think>the answer.",
+]
+
+
+def upstream_events(text: str) -> list[bytes]:
+    """The data of each event of a fake SambaNova stream answering `text`."""
+    return [sse_frame(e)[6:-2] for e in stream_events(Reply(text=text), "DeepSeek-R1", [])]
+
+
+def relayed(events: list[bytes], format: str, implicit: bool) -> list[dict]:
+    """The client objects a relay makes of upstream events."""
+    relay = sse.StreamRelay(True, model="r1", split=ChunkSplit(format, implicit))
+    frames = [relay.relay("message", data) for data in events]
+    frames.append(relay.finish())
+    return [json.loads(data) for _, data in decode_all(b"".join(f for f in frames if f))[:-1]]
+
+
+@pytest.mark.parametrize("text", THINKING_TEXTS)
+@pytest.mark.parametrize("format", ["parsed", "raw", "hidden"])
+def test_relay_byte_paths_match_the_full_parse(monkeypatch, format, text):
+    events = upstream_events(text)
+    fast = relayed(events, format, "Implicit" in text)
+    monkeypatch.setattr(sse, "_plain_chunk_frame", lambda data: None)
+    monkeypatch.setattr(sse, "_thinking_chunk", lambda data, format: None)
+    assert fast == relayed(events, format, "Implicit" in text)
+
+
+@pytest.mark.parametrize("format", ["parsed", "hidden", "raw"])
+def test_relay_parses_only_the_first_and_last_chunks_of_a_thinking_stream(monkeypatch, format):
+    loads = []
+    monkeypatch.setattr(sse.json, "loads", lambda raw: loads.append(raw) or json.JSONDecoder().decode(raw.decode()))
+    events = upstream_events(THINKING_TEXTS[0])
+    objects = relayed(events, format, False)
+    parsed = [raw for raw in loads if raw in events]  # (the test decodes the client frames too)
+    # The role chunk, the chunks holding a tag or the first answer word, and usage.
+    assert len(parsed) <= 6 < len(objects)
