@@ -71,8 +71,9 @@ class ThinkSplitter:
         reasoning = ""
         if self.state == _START:
             body = text.lstrip()
-            if not body and len(text) <= MAX_LEADING_SPACE or body and len(body) < len(OPEN) \
-                    and OPEN.startswith(body):
+            waiting = len(text) <= MAX_LEADING_SPACE if not body else (
+                len(body) < len(OPEN) and OPEN.startswith(body))
+            if waiting:  # only whitespace so far, or the start of `<think>`
                 self.held = text
                 return "", ""
             if body.startswith(OPEN):

@@ -7,6 +7,7 @@ import json
 import httpx
 import openai
 import pytest
+from openai.types import Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from conftest import AUTH
@@ -60,6 +61,10 @@ async def test_model_list_shows_aliases_and_finds_ids_in_any_case(fake, start_pr
     app = await start_proxy(fake, MODEL_ALIASES=ALIASES)
     client = sdk(app)
     models = {m.id: m async for m in client.models.list()}
+    async with httpx.AsyncClient(timeout=10) as raw:
+        listing = (await raw.get(f"{app.url}/v1/models", headers=AUTH)).json()
+    for entry in listing["data"]:
+        Model.model_validate(entry, strict=True)
     assert {"gpt-4o", "r1", "DeepSeek-R1", "Meta-Llama-3.3-70B-Instruct"} <= set(models)
     assert models["r1"].root == "DeepSeek-R1" and models["r1"].owned_by == "deepseek-ai"
     assert (await client.models.retrieve("deepseek-r1")).id == "DeepSeek-R1"

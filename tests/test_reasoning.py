@@ -260,3 +260,16 @@ def test_relay_parses_only_the_first_and_last_chunks_of_a_thinking_stream(monkey
     parsed = [raw for raw in loads if raw in events]  # (the test decodes the client frames too)
     # The role chunk, the chunks holding a tag or the first answer word, and usage.
     assert len(parsed) <= 6 < len(objects)
+
+
+def test_relay_sends_text_still_held_at_done_before_it():
+    types = pytest.importorskip("openai.types.chat")
+    relay = sse.StreamRelay(False, model="r1", split=ChunkSplit("parsed"))
+    first = (b'{"id":"u1","object":"chat.completion.chunk","created":1.5,"model":"m",'
+             b'"choices":[{"index":0,"delta":{"content":" <thi"},"finish_reason":null}]}')
+    assert json.loads(decode_all(relay.relay("message", first))[0][1])["choices"][0]["delta"]["content"] == ""
+    events = decode_all(relay.finish())
+    assert events[-1] == ("message", b"[DONE]")
+    [(_, data)] = events[:-1]
+    tail = types.ChatCompletionChunk.model_validate(json.loads(data), strict=True)
+    assert tail.choices[0].delta.content == " <thi" and tail.id == "chatcmpl-u1" and tail.model == "r1"
