@@ -261,8 +261,8 @@ class MessageStream:
         self.usage: dict | None = None
         self.events: list[tuple[str, dict]] = []
 
-    def _emit(self, name: str, **fields) -> None:
-        self.events.append((name, {"type": name, **fields}))
+    def _emit(self, event: str, /, **fields) -> None:
+        self.events.append((event, {"type": event, **fields}))
 
     def _take(self) -> list[tuple[str, dict]]:
         events, self.events = self.events, []

@@ -279,8 +279,8 @@ class ResponseStream:
         self.usage: dict | None = None
         self.events: list[tuple[str, dict]] = []
 
-    def _emit(self, name: str, **fields) -> None:
-        self.events.append((name, {"type": name, "sequence_number": self.sequence, **fields}))
+    def _emit(self, event: str, /, **fields) -> None:
+        self.events.append((event, {"type": event, "sequence_number": self.sequence, **fields}))
         self.sequence += 1
 
     def _take(self) -> list[tuple[str, dict]]:
