@@ -21,6 +21,9 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                529: "overloaded_error"}
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                 "function_call": "tool_use", "content_filter": "refusal"}
+# Fields that need Anthropic's own platform: refused with 400 naming the field.
+UNSUPPORTED_FIELDS = {"mcp_servers": "remote MCP servers are called by Anthropic's platform",
+                      "container": "code-execution containers live on Anthropic's platform"}
 PING = b'event: ping\ndata: {"type":"ping"}\n\n'
 CHARS_PER_TOKEN = 4  # count_tokens is an estimate: no tokenizer of the upstream models is at hand
 
@@ -55,6 +58,9 @@ def parse_messages_request(raw: bytes) -> dict:
                            "expected a JSON object.") from None
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.")
+    for field, why in UNSUPPORTED_FIELDS.items():
+        if body.get(field):
+            raise RequestError(f"{field}: not supported by this proxy ({why}).", field)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty array of messages.", "messages")
@@ -62,7 +68,8 @@ def parse_messages_request(raw: bytes) -> dict:
                              ("max_tokens", int, "an integer"), ("stop_sequences", list, "an array"),
                              ("temperature", (int, float), "a number"), ("top_p", (int, float), "a number"),
                              ("top_k", int, "an integer"), ("tools", list, "an array"),
-                             ("thinking", dict, "an object"), ("tool_choice", dict, "an object")):
+                             ("thinking", dict, "an object"), ("tool_choice", dict, "an object"),
+                             ("output_config", dict, "an object")):
         value = body.get(key)
         if value is not None and (not isinstance(value, kinds) or isinstance(value, bool) and kinds != bool):
             raise RequestError(f"{key}: expected {name}.", key)
@@ -106,7 +113,20 @@ def chat_body(body: dict, model: str) -> dict:
     choice = body.get("tool_choice")
     if choice is not None:
         _apply_tool_choice(chat, choice)
+    output_format = (body.get("output_config") or {}).get("format")
+    if output_format is not None:
+        chat["response_format"] = _response_format(output_format)
     return chat
+
+
+def _response_format(output_format: object) -> dict:
+    """Structured outputs (output_config.format, a JSON schema) as chat's response_format."""
+    if not (isinstance(output_format, dict) and output_format.get("type") == "json_schema"
+            and isinstance(output_format.get("schema"), dict)):
+        raise RequestError("output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}.",
+                           "output_config.format")
+    return {"type": "json_schema",
+            "json_schema": {"name": "output", "schema": output_format["schema"], "strict": True}}
 
 
 def _system_text(system: object) -> str:

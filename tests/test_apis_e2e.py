@@ -332,3 +332,39 @@ async def test_client_departure_closes_the_upstream_answer(proxy, fake, path, bo
             async for _ in r.aiter_bytes():
                 break
     await fake.wait_for(lambda f: f.disconnects == 1 and f.open_streams == 0)
+
+
+# --- both: keep-alives and failures after the 200 -------------------------------------
+
+MESSAGES_BODY = {"model": MODEL, "max_tokens": 10, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+RESPONSES_BODY = {"model": MODEL, "input": "x", "stream": True}
+
+
+@pytest.mark.parametrize("path, body, ping", [
+    ("/v1/messages", MESSAGES_BODY, "event: ping\ndata: {\"type\":\"ping\"}\n\n"),
+    ("/v1/responses", RESPONSES_BODY, ": keep-alive\n\n"),
+])
+async def test_keepalive_during_upstream_silence(fake, start_proxy, path, body, ping):
+    app = await start_proxy(fake, SSE_KEEPALIVE="0.1")
+    fake.script.append(Reply(text="slow answer", delay=0.5))
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(f"{app.url}{path}", headers=AUTH, json=body)
+    start = r.text.index("slow")
+    assert ping in r.text[start:]  # sent while upstream paused between its chunks
+    assert r.text.count(ping) >= 1 + (path == "/v1/messages")
+
+
+@pytest.mark.parametrize("reply", [Reply(drop_after=0), Reply(text="a b", done=False)],
+                         ids=["dropped-before-any-chunk", "ended-without-done"])
+@pytest.mark.parametrize("path, body, last", [
+    ("/v1/messages", MESSAGES_BODY, "error"),
+    ("/v1/responses", RESPONSES_BODY, "response.failed"),
+])
+async def test_failure_after_the_200_ends_the_stream_with_the_api_failure_event(proxy, fake, reply, path,
+                                                                                 body, last):
+    fake.script.append(reply)
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(f"{proxy.url}{path}", headers=AUTH, json=body)
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1][0] == last and events[0][0] in ("message_start", "response.created")

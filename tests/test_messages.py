@@ -99,6 +99,14 @@ def test_tools_and_parameters():
     assert "metadata" not in chat and "tool_choice" not in chat
 
 
+def test_output_config_format_is_a_json_schema_response_format():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    chat = translate({"messages": [user("x")], "output_config": {"effort": "low",
+                                                                  "format": {"type": "json_schema", "schema": schema}}})
+    assert chat["response_format"] == {"type": "json_schema",
+                                       "json_schema": {"name": "output", "schema": schema, "strict": True}}
+
+
 @pytest.mark.parametrize("choice, expected", [
     ({"type": "auto"}, "auto"),
     ({"type": "any"}, "required"),
@@ -138,6 +146,9 @@ def test_thinking_is_shown_only_when_enabled(thinking, shown):
     ({"messages": [user([{"type": "tool_result", "tool_use_id": "t",
                           "content": [{"type": "image", "source": {}}]}])]}, "messages.0.content.0.content.0.type"),
     ({"messages": [user("x")], "system": 5}, "system"),
+    ({"messages": [user("x")], "mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}, "mcp_servers"),
+    ({"messages": [user("x")], "container": "cntr_1"}, "container"),
+    ({"messages": [user("x")], "output_config": {"format": {"type": "regex"}}}, "output_config.format"),
 ])
 def test_refusals_name_the_field(body, param):
     with pytest.raises(RequestError) as refused:
