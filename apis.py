@@ -18,7 +18,8 @@ import httpx
 from chat import RequestError
 from errors import ProxyError, answer_failure, incomplete_failure, stream_error_failure
 from http_common import Request, Responder
-from messages import PING, MessageStream, anthropic_error_body, estimate_tokens, parse_messages_request, show_thinking
+from messages import (PING, MessageStream, anthropic_error_body, estimate_tokens, parse_messages_request,
+                      show_thinking)
 from messages import chat_body as messages_chat_body
 from messages import encode_event as messages_event
 from responses import (ResponseStore, ResponseStream, input_messages, output_messages,

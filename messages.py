@@ -173,6 +173,7 @@ def _chat_messages(message: object, where: str) -> list[dict]:
     if not isinstance(content, list):
         raise RequestError(f"{where}.content: expected a string or an array of blocks.", f"{where}.content")
     tools: list[dict] = []
+    images: list[dict] = []  # images of tool results: chat tool messages hold text only
     parts: list[dict] = []
     calls: list[dict] = []
     for j, block in enumerate(content):
@@ -188,13 +189,14 @@ def _chat_messages(message: object, where: str) -> list[dict]:
                                        "arguments": dumps(block.get("input") or {}).decode()}})
         elif kind == "tool_result" and role == "user":
             tools.append({"role": "tool", "tool_call_id": _str(block, "tool_use_id", at),
-                          "content": _tool_result_text(block, at)})
+                          "content": _tool_result_text(block, at, images)})
         elif kind in ("thinking", "redacted_thinking"):
             continue  # earlier thinking is not sent back: chat models answer without it
         else:
             raise RequestError(f"{at}.type: content blocks of type '{kind}' are not supported by this "
                                f"proxy in {role} messages.", f"{at}.type")
     out = tools
+    parts = images + parts
     if role == "assistant":
         if parts or calls:
             text = "".join(part.get("text", "") for part in parts)
@@ -220,7 +222,8 @@ def _image(block: dict, where: str) -> dict:
     source = block.get("source")
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64":
-        url = f"data:{_str(source, 'media_type', where + '.source')};base64,{_str(source, 'data', where + '.source')}"
+        at = where + ".source"
+        url = f"data:{_str(source, 'media_type', at)};base64,{_str(source, 'data', at)}"
     elif kind == "url":
         url = _str(source, "url", where + ".source")
     else:
@@ -228,17 +231,23 @@ def _image(block: dict, where: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _tool_result_text(block: dict, where: str) -> str:
-    """A tool_result's content as text (chat tool messages carry text only)."""
+def _tool_result_text(block: dict, where: str, images: list[dict]) -> str:
+    """A tool_result's content as text; its images go to `images`, for the user turn that follows
+    (chat tool messages carry text only)."""
     content = block.get("content", "")
     if isinstance(content, list):
         texts = []
         for k, part in enumerate(content):
-            if isinstance(part, dict) and part.get("type") == "text":
-                texts.append(_str(part, "text", f"{where}.content.{k}"))
+            at = f"{where}.content.{k}"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                texts.append(_str(part, "text", at))
+            elif kind == "image":
+                images.append(_image(part, at))
+                texts.append(f"[image {len(images)} follows in the next user message]")
             else:
-                raise RequestError(f"{where}.content.{k}: only text blocks are supported in a tool_result "
-                                   "by this proxy.", f"{where}.content.{k}.type")
+                raise RequestError(f"{at}.type: blocks of type '{kind}' are not supported in a tool_result "
+                                   "by this proxy.", f"{at}.type")
         content = "\n".join(texts)
     elif not isinstance(content, str):
         raise RequestError(f"{where}.content: expected a string or an array of blocks.", f"{where}.content")

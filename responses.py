@@ -98,23 +98,29 @@ def input_messages(body: dict) -> list[dict]:
     if not isinstance(value, list):
         raise RequestError("Invalid type for 'input': expected a string or an array of items.", "input")
     messages: list[dict] = []
+    images: list[dict] = []  # images of function outputs, sent after the run of tool messages
     for i, item in enumerate(value):
         where = f"input[{i}]"
         if not isinstance(item, dict):
             raise RequestError(f"Invalid type for '{where}': expected an object.", where)
         kind = item.get("type", "message")
+        if images and kind != "function_call_output":
+            messages.append({"role": "user", "content": images})
+            images = []
         if kind == "message":
             messages.append(_message(item, where))
         elif kind == "function_call":
             _add_function_call(messages, item, where)
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
-                             "content": _output_text(item.get("output"), where)})
+                             "content": _output_text(item.get("output"), where, images)})
         elif kind == "reasoning":
             continue  # earlier thinking is not sent back: chat models answer without it
         else:
             raise RequestError(f"Input items of type '{kind}' are not supported by this proxy.",
                                f"{where}.type")
+    if images:
+        messages.append({"role": "user", "content": images})
     return messages
 
 
@@ -170,18 +176,27 @@ def _add_function_call(messages: list[dict], item: dict, where: str) -> None:
             "function": {"name": _string(item, "name", where),
                          "arguments": arguments if isinstance(arguments, str) else dumps(arguments).decode()}}
     last = messages[-1] if messages else None
-    if last is not None and last["role"] == "assistant" and isinstance(last.get("content"), (str, type(None))):
+    if last is not None and last["role"] == "assistant" and not isinstance(last.get("content"), list):
         last.setdefault("tool_calls", []).append(call)
     else:
         messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 
 
-def _output_text(output: object, where: str) -> str:
-    """A function_call_output's output: a string, or the text of its content parts."""
+def _output_text(output: object, where: str, images: list[dict]) -> str:
+    """A function_call_output's output as text; its images go to `images`, for a user
+    message after the tool messages (chat tool messages carry text only)."""
     if isinstance(output, str):
         return output
     if isinstance(output, list):
-        return "".join(p.get("text", "") for p in output if isinstance(p, dict))
+        texts = []
+        for j, part in enumerate(output):
+            chat_part = _part(part, f"{where}.output[{j}]")
+            if chat_part["type"] == "text":
+                texts.append(chat_part["text"])
+            else:
+                images.append(chat_part)
+                texts.append(f"[image {len(images)} follows in the next user message]")
+        return "".join(texts)
     raise RequestError(f"Invalid type for '{where}.output': expected a string or an array.",
                        f"{where}.output")
 
@@ -503,7 +518,8 @@ class ResponseStore:
         if size > self.max_bytes:
             return False
         self.delete(response["id"])
-        while self._entries and (len(self._entries) >= self.max_entries or self.bytes + size > self.max_bytes):
+        while self._entries and (len(self._entries) >= self.max_entries
+                                 or self.bytes + size > self.max_bytes):
             _, old = self._entries.popitem(last=False)
             self.bytes -= len(old[0]) + len(old[1])
         self._entries[response["id"]] = entry

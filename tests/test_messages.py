@@ -90,6 +90,15 @@ def test_tool_use_and_tool_result_blocks():
                                     {"role": "user", "content": "Go on"}]
 
 
+def test_tool_result_images_follow_as_a_user_message():
+    png = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    chat = translate({"messages": [user([
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "shot:"}, png]}])]})
+    assert chat["messages"] == [
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "shot:\n[image 1 follows in the next user message]"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+
+
 def test_tools_and_parameters():
     chat = translate({"messages": [user("x")], "tools": [TOOL], "stop_sequences": ["END"], "temperature": 0.3,
                       "top_p": 0.9, "top_k": 5, "metadata": {"user_id": "u"}})
@@ -144,7 +153,7 @@ def test_thinking_is_shown_only_when_enabled(thinking, shown):
     ({"messages": [user([{"type": "image", "source": {"type": "file", "file_id": "f"}}])]},
      "messages.0.content.0.source"),
     ({"messages": [user([{"type": "tool_result", "tool_use_id": "t",
-                          "content": [{"type": "image", "source": {}}]}])]}, "messages.0.content.0.content.0.type"),
+                          "content": [{"type": "document", "source": {}}]}])]}, "messages.0.content.0.content.0.type"),
     ({"messages": [user("x")], "system": 5}, "system"),
     ({"messages": [user("x")], "mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}, "mcp_servers"),
     ({"messages": [user("x")], "container": "cntr_1"}, "container"),

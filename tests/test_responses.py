@@ -83,6 +83,20 @@ def test_function_call_and_output_items_become_tool_calls_and_tool_messages():
                                     {"role": "tool", "tool_call_id": "call_2", "content": "second"}]
 
 
+def test_function_output_images_follow_the_tool_messages_as_a_user_message():
+    image = {"type": "input_image", "image_url": "https://example.com/shot.png"}
+    chat = translate({"input": [
+        {"type": "function_call", "call_id": "call_1", "name": "shot", "arguments": "{}"},
+        {"type": "function_call", "call_id": "call_2", "name": "shot", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": [image]},
+        {"type": "function_call_output", "call_id": "call_2", "output": "none"},
+        {"role": "user", "content": "Compare"}]})
+    assert [m["role"] for m in chat["messages"]] == ["assistant", "tool", "tool", "user", "user"]
+    assert chat["messages"][1]["content"] == "[image 1 follows in the next user message]"
+    assert chat["messages"][3] == {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/shot.png"}}]}
+
+
 def test_parameters_tools_tool_choice_and_format():
     chat = translate({"input": "x", "temperature": 0.4, "top_p": 0.8, "max_output_tokens": 99,
                       "parallel_tool_calls": False, "metadata": {"k": "v"}, "tools": [TOOL],
