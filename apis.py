@@ -52,6 +52,8 @@ async def chat_chunks(app, body: dict, responder: Responder,
     when the client has gone; its upstream answer is closed, its reader never cancelled.
     Consume it with contextlib.aclosing so an early exit closes the upstream answer at once.
     """
+    # Request-side transforms shared with chat completions (model aliases) apply to `body`
+    # before this line; chunk-side ones (the reasoning split) where chunks are yielded below.
     response = await app.upstream.open(body, lambda: responder.gone)
     # As in chat_completions: a departed client stops its upstream answer; the reading
     # task is never cancelled (a cancelled write breaks the shared HTTP/2 connection).
