@@ -90,24 +90,26 @@ class H2Client:
         await self.until(lambda e: isinstance(e, h2.events.PingAckReceived) and e.ping_data == opaque)
 
     async def send_body(self, stream_id: int, body: bytes) -> None:
-        """Send `body` and end the stream, never more than the server's window: wait for its WINDOW_UPDATEs."""
-        pos = 0
-        while True:
-            room = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
-            size = min(room, len(body) - pos)
-            if size > 0 or pos == len(body):
-                end = pos + size == len(body)
-                try:
-                    self.conn.send_data(stream_id, body[pos:pos + size], end_stream=end)
-                except h2.exceptions.StreamClosedError:
-                    return  # the server answered and reset the stream before the whole body was in
-                self.flush()
-                pos += size
-                if end:
-                    return
-            else:
-                await self.read()
+        """Send `body` and end the stream, never more than the server's window: wait for its WINDOW_UPDATEs.
 
+        Stops early when the server ends or resets the stream first (an answer such as 413).
+        """
+        pos = 0
+        try:
+            while True:
+                room = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+                size = min(room, len(body) - pos)
+                if size > 0 or pos == len(body):
+                    end = pos + size == len(body)
+                    self.conn.send_data(stream_id, body[pos:pos + size], end_stream=end)
+                    self.flush()
+                    pos += size
+                    if end:
+                        return
+                elif any(ended(stream_id)(e) for e in await self.read()):
+                    return
+        except h2.exceptions.StreamClosedError:
+            return  # the server answered and reset the stream before the whole body was in
 
 def data_of(events, stream_id: int) -> bytes:
     return b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived) and e.stream_id == stream_id)
