@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import h2.events
 import pytest
 
-from raw_h2 import H2Client, data_of, ended
+from raw_h2 import WAIT, H2Client, data_of, ended
 from server import Server
 
 CONNECTION_WINDOW = 65535  # RFC 9113 §6.9.2: SETTINGS cannot change the connection's window
@@ -21,6 +23,7 @@ class Writer:
 
     def __init__(self) -> None:
         self.idle_results: list[bool] = []
+        self.tried = asyncio.Event()  # the first keep-alive comment was tried
 
     async def __call__(self, request, responder) -> None:
         size = int(request.query or 0)
@@ -34,6 +37,7 @@ class Writer:
             await responder.start(200, [("content-type", "text/event-stream")])
             await responder.write(pattern(size))  # exactly the stream's window
             self.idle_results.append(responder.write_if_idle(b": keep-alive\n\n"))  # no room: refused
+            self.tried.set()
             await responder.write(b"x" * 10)  # waits for the test's WINDOW_UPDATE
             self.idle_results.append(responder.write_if_idle(b": ka\n"))  # room again: sent
             await responder.end()
@@ -118,8 +122,7 @@ async def test_keepalive_comment_waits_for_window_room(open_client, writer):
     got = 0
     while got < 1000:
         got += len(data_of(await client.read(), stream_id))
-    # The handler wrote the window's last byte, tried the comment, and now waits to send 10 bytes
-    # (all in one step of its task, before these bytes could reach us).
+    await asyncio.wait_for(writer.tried.wait(), WAIT)  # the window is spent; the 10 bytes wait for more
     assert writer.idle_results == [False]
     client.grant(stream_id, 100)
     await client.until(ended(stream_id))
