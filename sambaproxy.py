@@ -20,6 +20,7 @@ import urllib.parse
 
 import httpx
 
+from apis import ApiRoutes, error_answer_body, presented_key
 from config import Config, ConfigError, load_config
 from server import Request, Responder, Server
 from chat import RequestError, parse_chat_request, reasoning_format, wants_stream, wants_usage
@@ -44,11 +45,12 @@ NOISY_LOGGERS = ("httpx", "httpcore", "hpack", "h2", "h11")
 
 
 class KeepAlive:
-    """Sends `: keep-alive` when upstream has been silent for `interval` seconds."""
+    """Sends `: keep-alive` (or another `frame`) when upstream has been silent for `interval` seconds."""
 
-    def __init__(self, responder: Responder, interval: float) -> None:
+    def __init__(self, responder: Responder, interval: float, frame: bytes = KEEPALIVE) -> None:
         self.responder = responder
         self.interval = interval
+        self.frame = frame
         self.loop = asyncio.get_running_loop()
         self.last = self.loop.time()
         self.handle = self.loop.call_later(interval, self._check) if interval > 0 else None
@@ -59,7 +61,7 @@ class KeepAlive:
     def _check(self) -> None:
         idle = self.loop.time() - self.last
         if idle >= self.interval:
-            self.responder.write_if_idle(KEEPALIVE)
+            self.responder.write_if_idle(self.frame)
             self.last, idle = self.loop.time(), 0.0
         self.handle = self.loop.call_later(self.interval - idle, self._check)
 
@@ -117,6 +119,8 @@ class App:
             "/": {"GET": self.page},
             "/debug/token": {"GET": self.debug_token},
         }
+        self.apis = ApiRoutes(self, KeepAlive, JSON_HEADERS, SSE_HEADERS)
+        self.routes.update(self.apis.routes)
         self.key_endpoints = KeyEndpoints(self.upstream, self.key_route, resolve_model=self.resolve_model,
                                           relay_stream=self._relay_stream, spawn=self.spawn,
                                           headers=[CORS_ORIGIN])
@@ -167,7 +171,7 @@ class App:
             await self._dispatch(request, responder)
         except ProxyError as exc:
             counters.errors += 1
-            await self._send_error(responder, exc)
+            await self._send_error(responder, exc, request.path)
         finally:
             counters.active -= 1
 
@@ -175,6 +179,8 @@ class App:
         methods = self.routes.get(request.path)
         if methods is None and request.path.startswith(("/v1/models/", "/models/")):
             methods = {"GET": self.get_model}
+        elif methods is None and request.path.startswith("/v1/responses/"):
+            methods = self.apis.stored_routes
         if request.method == "OPTIONS":
             return await self._preflight(request, responder)
         if methods is None:
@@ -191,16 +197,16 @@ class App:
         """Check the client key in constant time against every configured key."""
         if not self.keys:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        given_bytes = given.strip().encode()
+        given = presented_key(request)
+        given_bytes = (given or "").encode()
         matched = False
         for key in self.keys:
             matched |= hmac.compare_digest(given_bytes, key)
-        if not matched or scheme.lower() != "bearer":
+        if not matched or given is None:
             raise ProxyError(401, "missing or invalid API key: send Authorization: Bearer <LOCAL_API_KEY>",
                              "invalid_request_error", "invalid_api_key")
 
-    async def _send_error(self, responder: Responder, exc: ProxyError) -> None:
+    async def _send_error(self, responder: Responder, exc: ProxyError, path: str) -> None:
         if responder.started:
             log.warning("error after the response started: %s", exc.message)
             return
@@ -209,7 +215,8 @@ class App:
             headers.append(("www-authenticate", "Bearer"))
         if exc.retry_after:
             headers.append(("retry-after", exc.retry_after))
-        body = error_body(exc.status, exc.message, exc.type, exc.code, exc.param)
+        body = error_answer_body(path, exc) or error_body(exc.status, exc.message, exc.type, exc.code,
+                                                          exc.param)
         await responder.send(exc.status, headers, body)
 
     async def _preflight(self, request: Request, responder: Responder) -> None:
