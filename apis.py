@@ -27,6 +27,7 @@ from responses import (ResponseStore, ResponseStream, input_messages, output_mes
 from responses import chat_body as responses_chat_body
 from responses import encode_event as responses_event
 from sse import KEEPALIVE, ChunkReader, SSEDecoder, UpstreamStreamError, dumps
+from reasoning import ChunkSplit, starts_thinking
 from upstream import stop_upstream
 
 log = logging.getLogger("sambaproxy.apis")
@@ -52,9 +53,11 @@ async def chat_chunks(app, body: dict, responder: Responder,
     when the client has gone; its upstream answer is closed, its reader never cancelled.
     Consume it with contextlib.aclosing so an early exit closes the upstream answer at once.
     """
-    # Request-side transforms shared with chat completions (model aliases) apply to `body`
-    # before this line; chunk-side ones (the reasoning split) where chunks are yielded below.
-    response = await app.upstream.open(body, lambda: responder.gone)
+    # As for chat completions: the model name resolved (aliases, case), the reasoning split
+    # (REASONING_FORMAT) applied to every chunk, so thinking arrives as reasoning_content.
+    model = app.resolve_model(body.get("model") or app.config.default_model)
+    split = ChunkSplit(app.config.reasoning_format, starts_thinking(model, app.config.reasoning_models))
+    response = await app.upstream.open({**body, "model": model}, lambda: responder.gone)
     # As in chat_completions: a departed client stops its upstream answer; the reading
     # task is never cancelled (a cancelled write breaks the shared HTTP/2 connection).
     responder.on_gone(lambda: app.spawn(stop_upstream(response)))
@@ -72,7 +75,9 @@ async def chat_chunks(app, body: dict, responder: Responder,
                     chunk = reader.chunk(event, data)
                     if chunk is not None:
                         began = True
-                        yield chunk
+                        yield split.transform(chunk)
+                if reader.done and (tail := split.finish()):
+                    yield {"choices": tail}  # text held back as a possible tag, after all
                 if reader.done or responder.gone:
                     return  # [DONE] completes the answer, whatever the connection does next
             failure = incomplete_failure()

@@ -155,3 +155,19 @@ async def test_reasoning_model_without_close_tag(fake, start_proxy):
     fake.script.extend([Reply(text="Just an answer."), Reply(text="Just an answer.")])
     assert parts(*await ask(app, False, model="DeepSeek-R1-0528")) == (None, "Just an answer.")
     assert parts(*await ask(app, True, model="DeepSeek-R1-0528")) == ("Just an answer.", "")
+
+
+async def test_responses_and_messages_get_the_split_too(fake, start_proxy):
+    anthropic = pytest.importorskip("anthropic")
+    app = await start_proxy(fake, MODEL_ALIASES="claude-sonnet-4-0=deepseek-r1")
+    answer = await sdk(app).responses.create(model="deepseek-r1", input="hi")
+    assert [item.type for item in answer.output] == ["reasoning", "message"]
+    assert answer.output[0].content[0].text == "\n" + THOUGHT and answer.output_text == "Echo: hi"
+    client = anthropic.AsyncAnthropic(base_url=app.url, api_key="x", max_retries=0, timeout=10,
+                                      default_headers=AUTH)
+    message = await client.messages.create(model="claude-sonnet-4-0", max_tokens=100, messages=HI,
+                                           thinking={"type": "enabled", "budget_tokens": 50})
+    assert [(b.type, getattr(b, "thinking", None)) for b in message.content] == [
+        ("thinking", "\n" + THOUGHT), ("text", None)]
+    assert message.content[1].text == "Echo: hi" and message.model == "claude-sonnet-4-0"
+    assert fake.completions[-1]["json"]["body"]["model"] == "DeepSeek-R1"
