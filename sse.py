@@ -232,7 +232,7 @@ def _thinking_chunk(data: bytes, format: str) -> bytes | None:
 
     Only when no `<` appears, not even escaped, so no tag can begin in this content.
     """
-    if b"<" in data or b"\\u003" in data or data.count(_CONTENT_KEY) != 1:
+    if b"<" in data or b"\\u003" in data or b'"reasoning' in data or data.count(_CONTENT_KEY) != 1:
         return None
     if format == "parsed":
         return data.replace(_CONTENT_KEY, _THINKING_KEYS, 1)

@@ -92,6 +92,7 @@ async def test_legacy_completions_stream_and_not(fake, start_proxy):
     Completion.model_validate(w.json(), strict=True)
 
 
+@pytest.mark.filterwarnings("ignore:deprecated:DeprecationWarning")  # the SDK marks translations so
 @pytest.mark.parametrize("kind", ["transcriptions", "translations"])
 async def test_audio_through_the_sdk(fake, start_proxy, kind):
     app = await start_proxy(fake, **KEY_ONLY)

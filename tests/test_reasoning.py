@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
+import sse
+from fake_samba import Reply, sse_frame, stream_events
 from reasoning import CLOSE, ChunkSplit, ThinkSplitter, split_message, split_text, starts_thinking
+from test_sse_decoder import decode_all
 
 # (content as upstream sends it, implicit, streamed (reasoning, answer), whole (reasoning, answer))
 CASES = [
@@ -162,7 +166,7 @@ def test_plain_only_once_the_answer_is_decided():
     ("hidden", ("", "Answer")),
 ])
 def test_upstream_reasoning_fields(key, format, expected):
-    chunks = chunks_of(["Hmm.", " Ok."], key) [:2]
+    chunks = chunks_of(["Hmm.", " Ok."], key)[:2]
     chunks[1]["choices"][0]["finish_reason"] = None
     chunks += chunks_of(["Answer"])
     assert through(ChunkSplit(format), chunks)[:2] == expected
@@ -214,12 +218,6 @@ def test_split_message(format, implicit, message, expected):
 
 
 # --- the relay's byte paths give what the full parse gives ------------------------------
-
-import json  # noqa: E402
-
-import sse  # noqa: E402
-from fake_samba import Reply, sse_frame, stream_events  # noqa: E402
-from test_sse_decoder import decode_all  # noqa: E402
 
 THINKING_TEXTS = [
     "<think>Some plain thinking words here</think>\n\nThe answer is short.",
@@ -273,3 +271,13 @@ def test_relay_sends_text_still_held_at_done_before_it():
     [(_, data)] = events[:-1]
     tail = types.ChatCompletionChunk.model_validate(json.loads(data), strict=True)
     assert tail.choices[0].delta.content == " <thi" and tail.id == "chatcmpl-u1" and tail.model == "r1"
+
+
+def test_upstream_reasoning_beside_content_inside_think_is_joined_not_doubled():
+    relay = sse.StreamRelay(False, model="r1", split=ChunkSplit("parsed"))
+    base = b'{"id":"u1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":%s}]}'
+    relay.relay("message", base % b'{"content":"<think>a"}')
+    frame = relay.relay("message", base % b'{"reasoning_content":"b","content":"c"}')
+    [(_, data)] = decode_all(frame)
+    assert json.loads(data)["choices"][0]["delta"] == {"content": "", "reasoning_content": "bc"}
+    assert data.count(b"reasoning_content") == 1
