@@ -15,6 +15,7 @@ import re
 
 import httpx
 
+from chat import wants_usage
 from errors import ProxyError, answer_failure, answer_too_large, key_route_missing
 from sse import StreamRelay, dumps, error_frame
 from upstream import stop_upstream
@@ -76,7 +77,8 @@ class KeyEndpoints:
             if responder.gone:
                 return
             if path == "/completions" and body.get("stream") is True:
-                relay = StreamRelay(True, model=asked, object="text_completion", id_prefix="")
+                # As for chat: the usage chunk only for clients that asked for it.
+                relay = StreamRelay(wants_usage(body), model=asked, object="text_completion", id_prefix="")
                 await self.relay_stream(response, responder, relay)
             else:
                 await self._answer(response, responder, asked)

@@ -227,6 +227,16 @@ def _plain_chunk_frame(data: bytes) -> bytes | None:
     return encode(data)
 
 
+def _swap(data: bytes, old: bytes, new: bytes | None) -> bytes | None:
+    """`data` with its first `old` replaced by `new` (None: kept); None when `old` is absent."""
+    if new is None:
+        return data if old in data else None
+    fixed = data.replace(old, new, 1)  # one pass; a changed length tells it was found
+    if len(new) != len(old):
+        return fixed if len(fixed) != len(data) else None
+    return fixed if old in data else None
+
+
 def _thinking_chunk(data: bytes, format: str) -> bytes | None:
     """A chunk inside <think> as bytes: content moved to reasoning_content (parsed) or emptied (hidden).
 
@@ -346,17 +356,11 @@ class StreamRelay(_ChunkReader):
                 data = _thinking_chunk(data, split.format) if split.thinking else None
                 if data is None:
                     return None
-        at = data.find(self._id_bytes)
-        if at < 0:
+        data = _swap(data, self._id_bytes, self._id_to)
+        if data is None:
             return None
-        if self._id_to is not None:
-            data = data[:at] + self._id_to + data[at + len(self._id_bytes):]
-        at = data.find(self._model_bytes)
-        if at < 0:
-            return None
-        if self._model_to is not None:
-            data = data[:at] + self._model_to + data[at + len(self._model_bytes):]
-        if self._object_bytes not in data:
+        data = _swap(data, self._model_bytes, self._model_to)
+        if data is None or self._object_bytes not in data:
             return None
         return _plain_chunk_frame(data)
 

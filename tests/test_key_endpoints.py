@@ -72,9 +72,11 @@ async def test_legacy_completions_stream_and_not(fake, start_proxy):
     stream = await client.completions.create(model="Meta-Llama-3.1-8B-Instruct", prompt="say hi", stream=True)
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "Completion of: say hi"
+    assert all(c.usage is None for c in chunks)  # not asked for: upstream's usage chunk is dropped
     async with httpx.AsyncClient(timeout=10) as raw:
         r = await raw.post(f"{app.url}/v1/completions", headers=AUTH,
-                           json={"model": "Meta-Llama-3.1-8B-Instruct", "prompt": "x", "stream": True})
+                           json={"model": "Meta-Llama-3.1-8B-Instruct", "prompt": "x", "stream": True,
+                                 "stream_options": {"include_usage": True}})
         w = await raw.post(f"{app.url}/v1/completions", headers=AUTH,
                            json={"model": "Meta-Llama-3.1-8B-Instruct", "prompt": "x"})
     data = sse_data(r.text)

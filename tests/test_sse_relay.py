@@ -468,6 +468,22 @@ def test_env_type(model, expected):
                          fingerprint="f")["env_type"] == expected
 
 
+@pytest.mark.parametrize("value", ["parsed", "raw", "hidden", None])
+def test_reasoning_format_is_accepted_and_never_sent_upstream(value):
+    body = parse_chat_request(body_with(reasoning_format=value))
+    assert chat.reasoning_format(body, "raw") == (value or "raw")
+    assert "reasoning_format" not in api_payload(body, default_model="m")
+    assert "reasoning_format" not in samba_payload(body, default_model="m", fingerprint="f")["body"]
+    assert body["reasoning_format"] == value  # the client's body itself is left as it was
+
+
+@pytest.mark.parametrize("value", ["Parsed", "", 0, True, {"format": "raw"}])
+def test_reasoning_format_other_values_are_refused_naming_it(value):
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(body_with(reasoning_format=value))
+    assert info.value.param == "reasoning_format" and "parsed, raw, hidden" in info.value.message
+
+
 def test_new_fingerprint():
     first, second = new_fingerprint("anon_"), new_fingerprint("anon_")
     assert re.fullmatch(r"anon_[0-9a-f]{32}", first) and first != second
