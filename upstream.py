@@ -320,7 +320,8 @@ class ModelCatalog:
             return known
         if self.clock() - self._fresh_at < self.ttl:
             names = {**self._ids, **{alias.lower(): alias for alias, _ in self.aliases}}
-            closest = difflib.get_close_matches(name.lower(), names, n=3, cutoff=0.0)
+            # A client's name may be long: compare its start only, so the cost stays small.
+            closest = difflib.get_close_matches(name[:100].lower(), names, n=3, cutoff=0.0)
             raise model_not_found(name, [names[match] for match in closest])
         return name
 
