@@ -32,6 +32,15 @@ NO_KEY_RISK = ("LOCAL_API_KEY is not set: anyone who can reach this port can use
                "account. Set LOCAL_API_KEY to one or more client keys and restart.")
 
 
+def _template(path: str) -> str:
+    """The route label of a path with an id in it; other unknown paths share one label."""
+    if path.startswith(("/v1/models/", "/models/")):
+        return "/v1/models/{id}"
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
+    return "unmatched"
+
+
 class Operations:
     """Probes, metrics and the access line of one App."""
 
@@ -68,8 +77,7 @@ class Operations:
     def _count(self, entry: AccessEntry) -> None:
         m = self.metrics
         path = entry.path
-        route = path if path in self.app.routes else (
-            "/v1/models/{id}" if path.startswith(("/v1/models/", "/models/")) else "unmatched")
+        route = path if path in self.app.routes else _template(path)
         method = entry.method if entry.method in metrics.METHODS else "other"
         m.requests.inc((route, method, str(entry.status)))
         if entry.model is None:
@@ -83,11 +91,11 @@ class Operations:
             m.completion_tokens.inc(labels[:1], entry.completion_tokens)
 
     def note_attempt(self, route: str, outcome: str) -> None:
-        """Upstream.open's listener: the attempts metric and the request's route."""
+        """Upstream's listener: the attempts metric, and the route of the request being handled."""
         self.metrics.upstream_attempts.inc((route, outcome))
         entry = current_entry.get()
         if entry is not None:
-            entry.route = route
+            entry.route, entry.upstream = route, True
 
     # -- state, for /readyz, /info and /metrics ----------------------------------------------
 

@@ -22,14 +22,17 @@ import httpx
 
 from accesslog import NOISY_LOGGERS, AccessEntry, RequestIds, current_entry  # noqa: F401 (NOISY_LOGGERS: for tests)
 from accesslog import configure_logging as _configure_logging
+from apis import ApiRoutes, error_answer_body, presented_key
+from auth import login_client
 from config import Config, ConfigError, load_config
 from ops import QUIET_ROUTES, Operations
 from server import ClientGone, Request, Responder, Server
-from chat import RequestError, parse_chat_request, wants_stream, wants_usage
+from chat import RequestError, parse_chat_request, reasoning_format, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
 from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, UpstreamStreamError,
                  dumps, error_frame)
-from auth import login_client
+from passthrough import KeyEndpoints
+from reasoning import ChunkSplit, starts_thinking
 from tokens import TokenManager
 from upstream import AccountRoute, ApiKeyRoute, ModelCatalog, Upstream, make_client, stop_upstream
 
@@ -42,12 +45,15 @@ JSON_HEADERS = [("content-type", "application/json"), CORS_ORIGIN]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
                ("cache-control", "no-cache"), ("x-accel-buffering", "no"), CORS_ORIGIN]
 PREFLIGHT_ALLOW = "authorization, content-type"
-class KeepAlive:
-    """Sends `: keep-alive` when upstream has been silent for `interval` seconds."""
 
-    def __init__(self, responder: Responder, interval: float) -> None:
+
+class KeepAlive:
+    """Sends `: keep-alive` (or another `frame`) when upstream has been silent for `interval` seconds."""
+
+    def __init__(self, responder: Responder, interval: float, frame: bytes = KEEPALIVE) -> None:
         self.responder = responder
         self.interval = interval
+        self.frame = frame
         self.loop = asyncio.get_running_loop()
         self.last = self.loop.time()
         self.handle = self.loop.call_later(interval, self._check) if interval > 0 else None
@@ -58,7 +64,7 @@ class KeepAlive:
     def _check(self) -> None:
         idle = self.loop.time() - self.last
         if idle >= self.interval:
-            self.responder.write_if_idle(KEEPALIVE)
+            self.responder.write_if_idle(self.frame)
             self.last, idle = self.loop.time(), 0.0
         self.handle = self.loop.call_later(self.interval - idle, self._check)
 
@@ -118,8 +124,15 @@ class App:
             "/": {"GET": self.page},
             "/debug/token": {"GET": self.debug_token},
         }
+        self.apis = ApiRoutes(self, KeepAlive, JSON_HEADERS, SSE_HEADERS)
+        self.routes.update(self.apis.routes)
+        self.key_endpoints = KeyEndpoints(self.upstream, self.key_route, resolve_model=self.resolve_model,
+                                          relay_stream=self._relay_stream, spawn=self.spawn,
+                                          headers=[CORS_ORIGIN])
+        self.routes.update(self.key_endpoints.routes())
         self.ops = Operations(self, __version__)
         self.routes.update(self.ops.routes())
+        self.upstream.note = self.ops.note_attempt  # every upstream attempt, whoever opens it
         self.open_routes = frozenset(("/info", "/", *self.ops.open_routes(config.metrics_public)))
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
                              ssl_context=_ssl_context(config), error_body=error_body)
@@ -129,8 +142,10 @@ class App:
     def _make_catalog(self) -> ModelCatalog:
         if self.key_route and not self.account_route:
             return ModelCatalog(self.client, self.config.sambanova_api_url + "/models",
-                                {"authorization": self.key_route.authorization})
-        return ModelCatalog(self.client, self.config.samba_models_url, {})
+                                {"authorization": self.key_route.authorization},
+                                aliases=self.config.model_aliases)
+        return ModelCatalog(self.client, self.config.samba_models_url, {},
+                            aliases=self.config.model_aliases)
 
     @property
     def port(self) -> int:
@@ -151,6 +166,8 @@ class App:
 
     async def aclose(self, grace: float = 5.0) -> None:
         await self.server.shutdown(grace)
+        if self._background:  # e.g. a model list refresh: let it end before its client closes
+            await asyncio.wait(self._background, timeout=grace)
         await self.tokens.aclose()
         await self.client.aclose()
 
@@ -172,7 +189,7 @@ class App:
             entry.reason = exc.message
             if entry.upstream:
                 entry.end = "upstream_error"
-            await self._send_error(responder, exc)
+            await self._send_error(responder, exc, request.path)
         except ClientGone:
             entry.end = "client_gone"
             raise
@@ -189,6 +206,8 @@ class App:
         methods = self.routes.get(request.path)
         if methods is None and request.path.startswith(("/v1/models/", "/models/")):
             methods = {"GET": self.get_model}
+        elif methods is None and request.path.startswith("/v1/responses/"):
+            methods = self.apis.stored_routes
         if request.method == "OPTIONS":
             return await self._preflight(request, responder)
         if methods is None:
@@ -205,16 +224,16 @@ class App:
         """Check the client key in constant time against every configured key."""
         if not self.keys:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        given_bytes = given.strip().encode()
+        given = presented_key(request)
+        given_bytes = (given or "").encode()
         matched = False
         for key in self.keys:
             matched |= hmac.compare_digest(given_bytes, key)
-        if not matched or scheme.lower() != "bearer":
+        if not matched or given is None:
             raise ProxyError(401, "missing or invalid API key: send Authorization: Bearer <LOCAL_API_KEY>",
                              "invalid_request_error", "invalid_api_key")
 
-    async def _send_error(self, responder: Responder, exc: ProxyError) -> None:
+    async def _send_error(self, responder: Responder, exc: ProxyError, path: str) -> None:
         if responder.started:
             log.warning("error after the response started: %s", exc.message)
             return
@@ -223,7 +242,8 @@ class App:
             headers.append(("www-authenticate", "Bearer"))
         if exc.retry_after:
             headers.append(("retry-after", exc.retry_after))
-        body = error_body(exc.status, exc.message, exc.type, exc.code, exc.param)
+        body = error_answer_body(path, exc) or error_body(exc.status, exc.message, exc.type, exc.code,
+                                                          exc.param)
         await responder.send(exc.status, headers, body)
 
     async def _preflight(self, request: Request, responder: Responder) -> None:
@@ -234,16 +254,18 @@ class App:
         await responder.send(204, headers, b"")
 
     async def chat_completions(self, request: Request, responder: Responder) -> None:
-        """Validate, open upstream (with retries), then relay events or aggregate them."""
+        """Validate, resolve the model, open upstream (with retries), then relay events or aggregate them."""
         try:
             body = parse_chat_request(request.body)
         except RequestError as exc:
             raise ProxyError(400, exc.message, "invalid_request_error", "invalid_request",
                              param=exc.param) from None
-        model, stream = body.get("model") or self.config.default_model, wants_stream(body)
-        entry = current_entry.get() or AccessEntry("", "", "", "", "", time.perf_counter())
-        entry.model, entry.stream, entry.upstream = model, stream, True
-        response = await self.upstream.open(body, lambda: responder.gone, self.ops.note_attempt)
+        asked = body.get("model") or self.config.default_model
+        model = self.resolve_model(asked)
+        entry = current_entry.get()
+        if entry is not None:
+            entry.model, entry.stream, entry.upstream = asked, wants_stream(body), True
+        response = await self.upstream.open({**body, "model": model}, lambda: responder.gone)
         # A departed client stops its upstream answer at once; the reading task
         # (this one) is never cancelled, as a task cancelled mid-write over TLS
         # breaks a shared HTTP/2 connection for every request on it.
@@ -251,21 +273,36 @@ class App:
         try:
             if responder.gone:
                 return
-            if stream:
-                self.counters.streams += 1
-                try:
-                    await self._relay_stream(response, responder, wants_usage(body), entry)
-                finally:
-                    self.counters.streams -= 1
+            split_format = reasoning_format(body, self.config.reasoning_format)
+            implicit = starts_thinking(model, self.config.reasoning_models)
+            if wants_stream(body):
+                relay = StreamRelay(wants_usage(body), model=asked, split=ChunkSplit(split_format, implicit))
+                await self._relay_stream(response, responder, relay)
             else:
-                await self._relay_whole(response, responder, model, entry)
+                aggregator = CompletionAggregator(asked, reasoning=split_format, implicit=implicit)
+                await self._relay_whole(response, responder, aggregator)
         finally:
             await response.aclose()
 
+    def resolve_model(self, name: str) -> str:
+        """The upstream id for a client's model name; a stale model list is refreshed in the background."""
+        if self.catalog.needs_refresh():
+            self.spawn(self.catalog.models())
+        return self.catalog.resolve(name)
+
     async def _relay_stream(self, response: httpx.Response, responder: Responder,
-                            include_usage: bool, entry: AccessEntry) -> None:
+                            relay: StreamRelay) -> None:
         """Forward each upstream event as it arrives; end with [DONE] or one error event."""
-        relay = StreamRelay(include_usage)
+        entry = current_entry.get() or AccessEntry("", "", "", "", "", time.perf_counter())
+        self.counters.streams += 1
+        try:
+            await self._relay_events(response, responder, relay, entry)
+        finally:
+            self.counters.streams -= 1
+            entry.note_usage(relay.usage)
+
+    async def _relay_events(self, response: httpx.Response, responder: Responder, relay: StreamRelay,
+                            entry: AccessEntry) -> None:
         decoder = SSEDecoder()
         await responder.start(200, SSE_HEADERS)
         keepalive = KeepAlive(responder, self.config.sse_keepalive)
@@ -297,7 +334,6 @@ class App:
             tail = self._stream_failed(entry, _stream_failure(exc))
         finally:
             keepalive.stop()
-            entry.note_usage(relay.usage)
         await responder.write(tail)
         await responder.end()
 
@@ -307,10 +343,10 @@ class App:
         entry.end, entry.reason = "upstream_error", str(error.get("message"))
         return error_frame(error)
 
-    async def _relay_whole(self, response: httpx.Response, responder: Responder, model: str,
-                           entry: AccessEntry) -> None:
+    async def _relay_whole(self, response: httpx.Response, responder: Responder,
+                           aggregator: CompletionAggregator) -> None:
         """Aggregate the upstream events into one chat.completion object."""
-        aggregator = CompletionAggregator(model)
+        entry = current_entry.get() or AccessEntry("", "", "", "", "", time.perf_counter())
         decoder = SSEDecoder()
         try:
             async for raw in response.aiter_bytes():
@@ -338,9 +374,12 @@ class App:
 
     async def get_model(self, request: Request, responder: Responder) -> None:
         model_id = urllib.parse.unquote(request.path.split("/models/", 1)[1])
-        for model in await self.catalog.models():
-            if model["id"] == model_id:
-                return await responder.send(200, JSON_HEADERS, dumps(model))
+        models = await self.catalog.models()
+        lowered = model_id.lower()
+        model = (next((m for m in models if m["id"] == model_id), None)
+                 or next((m for m in models if m["id"].lower() == lowered), None))
+        if model is not None:
+            return await responder.send(200, JSON_HEADERS, dumps(model))
         raise ProxyError(404, f"The model '{model_id}' does not exist", "invalid_request_error",
                          "model_not_found", param="model")
 

@@ -3,7 +3,7 @@
 This is what the team's "at least 2x the seed stack's throughput" goal measures against: the
 usual first version of such a gateway, with no tuning. One shared httpx.AsyncClient(http2=True);
 POST /v1/chat/completions parses the JSON body, builds the same SambaNova payload as the proxy
-(sse.samba_payload, upstream.BROWSER_HEADERS), always streams from upstream, and either relays
+(chat.samba_payload, upstream.BROWSER_HEADERS), always streams from upstream, and either relays
 the upstream bytes (stream: true) or folds the events into one chat.completion (stream: false).
 No login: the access_token cookie comes from SEED_TOKEN (the bench logs in once and passes it).
 
