@@ -21,6 +21,8 @@ import urllib.parse
 import httpx
 
 from config import Config, ConfigError, load_config
+from resources import read_resource
+from sd_notify import notify
 from server import Request, Responder, Server
 from chat import RequestError, parse_chat_request, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
@@ -104,8 +106,7 @@ class App:
         self.upstream = Upstream(self.client, routes, retry_delays=retry_delays,
                                  retry_after_cap=retry_after_cap)
         self.catalog = self._make_catalog()
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "status.html"), "rb") as f:
-            self.status_page = f.read()
+        self.status_page = read_resource("status.html")
         self.routes = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/chat/completions": {"POST": self.chat_completions},
@@ -373,8 +374,10 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    notify("READY=1", os.environ)  # systemd Type=notify: started once it listens
     await stop.wait()
     log.info("shutting down")
+    notify("STOPPING=1", os.environ)
     await app.aclose()
 
 

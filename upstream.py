@@ -24,6 +24,7 @@ from auth import USER_AGENT, parse_retry_after
 from config import Config
 from chat import api_payload, new_fingerprint, samba_payload
 from errors import ProxyError, request_failure, status_failure
+from resources import outbound_ssl_context
 from sse import dumps
 from tokens import TokenManager, TokenUnavailable
 
@@ -68,9 +69,10 @@ class OutboundClient(httpx.AsyncClient):
 
 
 def make_client(config: Config) -> httpx.AsyncClient:
-    """The one outbound client: HTTP/2, bounded pool, no cookie jar."""
+    """The one outbound client: HTTP/2, bounded pool, no cookie jar, one TLS context."""
     return OutboundClient(
         http2=True,
+        verify=outbound_ssl_context(os.environ),
         limits=httpx.Limits(max_connections=config.upstream_max_connections,
                             max_keepalive_connections=config.upstream_max_connections),
         # Waiting for a free pooled connection is bounded like connecting: a full
