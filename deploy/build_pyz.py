@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 INTERPRETER = "/usr/bin/env python3"
 # Static files served or read at run time, found beside the modules (resources.read_resource).
-RESOURCE_PATTERNS = ("*.html", "*.ico", "*.svg", "*.png", "*.css", "*.js", "*.json")
+RESOURCE_PATTERNS = ("*.html", "*.ico", "*.svg", "*.png", "*.css", "*.js")
 # Files of the pinned packages left out, and why.
 LEFT_OUT = {
     # httpx's command-line client: needs click and rich, which are not ours to ship; httpx
