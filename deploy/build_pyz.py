@@ -7,10 +7,9 @@ installed version is exactly the pinned one. No network is used. Every module sh
 and as bytecode of the building Python beside it: zipimport loads the bytecode when the
 running Python's magic number matches and compiles the source otherwise. The bytecode is
 hash-based and unchecked (PEP 552), as nothing in a built archive can change: zipimport takes
-it without looking at the source, and timestamps play no part. Entries have fixed timestamps,
-so the same inputs give the same archive.
+it without looking at the source, and timestamps play no part (entries carry a fixed one).
 
-    python deploy/build_pyz.py [--site-packages DIR] [--output dist/sambaproxy.pyz]
+    python deploy/build_pyz.py [--site-packages DIR] [--output dist/sambaproxy.pyz] [--bytecode-only]
 """
 
 from __future__ import annotations
@@ -18,9 +17,9 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import os
-import py_compile
 import re
 import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -108,24 +107,34 @@ def project_files(root: Path) -> list[str]:
     return sorted(names)
 
 
-def stage(target: Path, sources: list[tuple[Path, str]], archive_name: str) -> None:
-    """Copy each (source file, archive path) into `target`, and compile every module beside itself."""
+def stage(target: Path, sources: list[tuple[Path, str]], archive_name: str, bytecode_only: bool) -> None:
+    """Copy each (source file, archive path) into `target` and compile every module beside itself."""
     (target / "__main__.py").write_text(MAIN)
-    sources = [*sources, (target / "__main__.py", "__main__.py")]
     for source, relative in sources:
         destination = target / relative
-        if source != destination:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, destination)
-        if relative.endswith(".py"):
-            py_compile.compile(str(destination), cfile=str(destination.with_suffix(".pyc")),
-                               dfile=f"{archive_name}/{relative}", doraise=True,
-                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, destination)
+    compile_beside(target, archive_name)
+    if bytecode_only:  # zipapp wants to see __main__.py; its bytecode is what runs
+        for path in target.rglob("*.py"):
+            if path != target / "__main__.py":
+                path.unlink()
     for path in target.rglob("*"):
         os.utime(path, (FIXED_MTIME, FIXED_MTIME))
 
 
-def build(site: Path, output: Path, root: Path = ROOT) -> list[str]:
+def compile_beside(target: Path, archive_name: str) -> None:
+    """NAME.pyc beside every NAME.py (where zipimport looks), hash-based and unchecked.
+
+    Compiled without the column tables of PEP 657 (-X no_debug_ranges): tracebacks keep their
+    file and line, lose only the ^^^ markers, and the archive is ~13% smaller, its code in
+    memory too. Tracebacks name the files ARCHIVE_NAME/path."""
+    subprocess.run([sys.executable, "-X", "no_debug_ranges", "-m", "compileall", "-q", "-b",
+                    "--invalidation-mode", "unchecked-hash", "-d", archive_name, "."],
+                   cwd=target, check=True)
+
+
+def build(site: Path, output: Path, root: Path = ROOT, bytecode_only: bool = False) -> list[str]:
     """Build the archive at `output`; returns the pinned distributions it holds, as name==version."""
     dists = pinned_distributions(site, read_pins(root / "requirements.txt"))
     sources = [(root / name, name) for name in project_files(root)]
@@ -138,7 +147,7 @@ def build(site: Path, output: Path, root: Path = ROOT) -> list[str]:
             sources.append((site / relative, relative))
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="sambaproxy-pyz-") as work:
-        stage(Path(work), sources, output.name)
+        stage(Path(work), sources, output.name, bytecode_only)
         partial = output.with_name(output.name + ".part")
         zipapp.create_archive(work, partial, interpreter=INTERPRETER, compressed=True)
         partial.chmod(0o755)
@@ -151,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site-packages", type=Path, default=Path(sysconfig.get_paths()["purelib"]),
                         help="where the pinned dependencies are installed (default: this Python's)")
     parser.add_argument("--output", type=Path, default=ROOT / "dist" / "sambaproxy.pyz")
+    parser.add_argument("--bytecode-only", action="store_true",
+                        help="leave the sources out: smaller, but the archive then runs only on this "
+                        "Python's minor version, and tracebacks show no source lines")
     args = parser.parse_args(argv)
     try:
-        held = build(args.site_packages, args.output)
+        held = build(args.site_packages, args.output, bytecode_only=args.bytecode_only)
     except BuildError as exc:
         sys.stderr.write(f"build_pyz: {exc}\n")
         return 1

@@ -21,6 +21,7 @@ from conftest import AUTH, ROOT, fake_settings
 
 sys.path.insert(0, os.path.join(ROOT, "deploy"))
 import build_pyz  # noqa: E402
+import stdlib_zip  # noqa: E402
 from resources import outbound_ssl_context, read_resource  # noqa: E402
 from sambaproxy import __version__  # noqa: E402
 
@@ -136,6 +137,30 @@ def test_archive_bytecode_is_what_zipimport_loads(archive):
     out = subprocess.run([base_python(), "-I", "-S", "-c", code, str(archive)], env={}, capture_output=True,
                          text=True, timeout=WAIT, check=True).stdout.split()
     assert [Path(f).suffix for f in out] == [".pyc"] * 3 and all(f.startswith(str(archive)) for f in out)
+
+
+def test_bytecode_only_archive_runs_on_its_python(tmp_path):
+    built = tmp_path / "sambaproxy.pyz"
+    build_pyz.build(Path(sysconfig.get_paths()["purelib"]), built, bytecode_only=True)
+    names = zipfile.ZipFile(built).namelist()
+    assert "sambaproxy.pyc" in names and not [n for n in names if n.endswith(".py") and n != "__main__.py"]
+    run = subprocess.run([base_python(), "-I", "-S", str(built), "--version"], env={}, capture_output=True,
+                         text=True, timeout=WAIT)
+    assert (run.returncode, run.stdout) == (0, f"sambaproxy {__version__}\n")
+
+
+def test_stdlib_zip_holds_what_a_start_loads_and_only_whole_packages(archive, tmp_path):
+    stdlib = sysconfig.get_paths()["stdlib"]
+    chosen = stdlib_zip.zippable(stdlib_zip.loaded_at_start(str(archive)), stdlib)
+    assert {"ssl", "argparse", "typing"} <= set(chosen)  # plain modules every start imports
+    for package in {name.split(".")[0] for name in chosen if "." in name}:
+        assert set(stdlib_zip.package_modules(package, os.path.join(stdlib, package))) <= set(chosen)
+    target = tmp_path / "python3x.zip"
+    stdlib_zip.write_zip(chosen, stdlib, str(target))
+    code = "import sys; sys.path[1:1] = sys.argv[1:]; import ssl, sambaproxy; print(ssl.__file__)"
+    run = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(target), str(archive)], env={},
+                         capture_output=True, text=True, timeout=WAIT, check=True)
+    assert run.stdout.strip() == f"{target}/ssl.pyc"  # zipimport took the bytecode
 
 
 @pytest.mark.parametrize("how", ["python -I", "shebang"])
