@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -166,7 +167,8 @@ def test_stdlib_zip_holds_what_a_start_loads_and_only_whole_packages(archive, tm
 @pytest.mark.parametrize("how", ["python -I", "shebang"])
 def test_archive_version_matches(archive, how):
     argv = [base_python(), "-I", str(archive)] if how == "python -I" else [str(archive)]
-    run = subprocess.run([*argv, "--version"], env={}, cwd=archive.parent, capture_output=True, text=True,
+    env = {"PATH": os.path.dirname(base_python())}  # where the shebang's `env python3` looks
+    run = subprocess.run([*argv, "--version"], env=env, cwd=archive.parent, capture_output=True, text=True,
                          timeout=WAIT)
     assert (run.returncode, run.stdout) == (0, f"sambaproxy {__version__}\n")
 
@@ -187,8 +189,10 @@ async def test_archive_alone_serves_like_make_run(archive, fake, tmp_path):
             page = await client.get(f"{url}/")
     finally:
         status = await proxy.terminate()
-    assert stream.status_code == 200 and '"content":"Echo' in stream.text.replace(" ", "")
-    assert stream.text.endswith("data: [DONE]\n\n")
+    events = [line[len("data: "):] for line in stream.text.splitlines() if line.startswith("data: ")]
+    assert stream.status_code == 200 and events[-1] == "[DONE]"
+    assert "".join(c["delta"].get("content") or "" for e in events[:-1] for c in json.loads(e)["choices"]) \
+        == "Echo: hello"
     assert info.json()["token_status"] == "active" and info.json()["version"] == __version__
     assert page.content == read_resource("status.html")
     assert status == 0 and "Traceback" not in proxy.log
