@@ -118,6 +118,11 @@ def test_every_resource_the_code_reads_is_in_the_archive(archive):
     assert "status.html" in read and read <= names
 
 
+def test_modules_read_their_files_through_resources():
+    """Inside the archive a module's folder is no folder: open(dirname(__file__)/...) works from the tree only."""
+    assert [p.name for p in Path(ROOT).glob("*.py") if p.name != "resources.py" and "__file__" in p.read_text()] == []
+
+
 def test_build_refuses_a_version_other_than_the_pin(tmp_path):
     (tmp_path / "requirements.txt").write_text("h11==0.0.1\n")
     (tmp_path / "sambaproxy.py").write_text("")
