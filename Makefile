@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_FAKE_PORT ?= 8123
 
-.PHONY: run demo test bench bench-quick docker-check clean
+.PHONY: run demo test bench bench-quick pyz docker-check clean
 
 run: $(VENV)/.runtime
 	$(BIN)/python sambaproxy.py
@@ -23,6 +23,11 @@ bench: $(VENV)/.dev $(VENV)/.bench
 
 bench-quick: $(VENV)/.dev $(VENV)/.bench
 	$(BIN)/python tests/bench.py --quick
+
+# dist/sambaproxy.pyz: the proxy and its pinned dependencies in one executable file, built from
+# the packages installed in .venv (no network); runs on any CPython >= 3.11 (deploy/).
+pyz: $(VENV)/.runtime
+	$(BIN)/python deploy/build_pyz.py --output dist/sambaproxy.pyz
 
 docker-check:
 	../shared/tools/docker/check.sh .
@@ -43,4 +48,4 @@ $(VENV)/.bench: requirements.txt requirements-bench.txt
 	touch $@
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) dist

@@ -26,6 +26,8 @@ from apis import ApiRoutes, error_answer_body, presented_key
 from auth import login_client
 from config import Config, ConfigError, load_config
 from ops import QUIET_ROUTES, Operations
+from resources import outbound_ssl_context, read_resource
+from sd_notify import notify
 from server import ClientGone, Request, Responder, Server
 from chat import RequestError, parse_chat_request, reasoning_format, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
@@ -92,7 +94,7 @@ class App:
         self.counters = Counters()
         self.keys = tuple(key.encode() for key in config.local_api_key)
         # One TLS context (CA bundle loaded once) for the completion client and every login's own.
-        tls = httpx.create_ssl_context()
+        tls = outbound_ssl_context(os.environ)
         self.client = make_client(config, tls)
         self.tokens = TokenManager(
             lambda: login_client(verify=tls), email=config.samba_email, password=config.samba_password,
@@ -113,8 +115,7 @@ class App:
         self.upstream = Upstream(self.client, routes, retry_delays=retry_delays,
                                  retry_after_cap=retry_after_cap)
         self.catalog = self._make_catalog()
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "status.html"), "rb") as f:
-            self.status_page = f.read()
+        self.status_page = read_resource("status.html")
         self.routes = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/chat/completions": {"POST": self.chat_completions},
@@ -458,8 +459,10 @@ async def serve(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # before "listening": a SIGTERM right after it stops cleanly
         loop.add_signal_handler(sig, stop.set)
     await app.start()
+    notify("READY=1", os.environ)  # systemd Type=notify: started once it listens
     await stop.wait()
     log.info("shutting down")
+    notify("STOPPING=1", os.environ)
     await app.aclose()
 
 
