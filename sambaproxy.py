@@ -21,7 +21,8 @@ import urllib.parse
 import httpx
 
 from config import Config, ConfigError, load_config
-from server import Request, Responder, Server
+from cors import CorsPolicy, CorsResponder, preflight_fields
+from server import Rejection, Request, Responder, Server
 from chat import RequestError, parse_chat_request, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
 from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, UpstreamStreamError,
@@ -33,11 +34,9 @@ __version__ = "0.1.0"
 
 log = logging.getLogger("sambaproxy")
 
-CORS_ORIGIN = ("access-control-allow-origin", "*")
-JSON_HEADERS = [("content-type", "application/json"), CORS_ORIGIN]
+JSON_HEADERS = [("content-type", "application/json")]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
-               ("cache-control", "no-cache"), ("x-accel-buffering", "no"), CORS_ORIGIN]
-PREFLIGHT_ALLOW = "authorization, content-type"
+               ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
 NOISY_LOGGERS = ("httpx", "httpcore", "hpack", "h2", "h11")
 
 
@@ -113,11 +112,14 @@ class App:
             "/models": {"GET": self.list_models},
             "/info": {"GET": self.info},
             "/": {"GET": self.page},
-            "/debug/token": {"GET": self.debug_token},
         }
+        if config.debug_endpoints:
+            self.routes["/debug/token"] = {"GET": self.debug_token}
+        self.prefix_routes = (("/v1/models/", {"GET": self.get_model}), ("/models/", {"GET": self.get_model}))
         self.open_routes = frozenset(("/info", "/"))
+        self.cors = CorsPolicy(config.cors_origins, bool(self.keys))
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
-                             ssl_context=_ssl_context(config), error_body=error_body)
+                             ssl_context=_ssl_context(config), error_body=error_body, admit=self.admit)
         self._background: set[asyncio.Task] = set()
 
     def _make_catalog(self) -> ModelCatalog:
@@ -139,6 +141,7 @@ class App:
             log.warning("LOCAL_API_KEY is not set: any client can use this proxy")
         if not self.upstream.routes:
             log.warning("no SambaNova credentials: chat completions will answer 503")
+        log.info("browsers may call from: %s (CORS_ORIGINS)", self.cors.describe())
         scheme = "https" if self.config.tls_cert_file else "http"
         log.info("sambaproxy %s listening on %s://%s:%d", __version__, scheme,
                  self.config.host, self.port)
@@ -148,11 +151,68 @@ class App:
         await self.tokens.aclose()
         await self.client.aclose()
 
+    def admit(self, request: Request) -> Rejection | None:
+        """Judge a request by its head alone, before any body byte is read: origin, route, method, key.
+
+        A foreign Origin is refused before anything else (403); preflights go to the handler.
+        Called by the server for every request, so it stays a few dict lookups and one compare.
+        """
+        origin = request.headers.get("origin")
+        if origin is not None and not self.cors.allows(origin):
+            return self._rejection(request, ProxyError(
+                403, "this Origin is not allowed to use the proxy from a browser: see CORS_ORIGINS",
+                "invalid_request_error", "origin_not_allowed"))
+        if request.method == "OPTIONS":
+            return None
+        methods = self._methods(request.path)
+        if methods is None:
+            return self._rejection(request, _not_found(request.path))
+        if ("GET" if request.method == "HEAD" else request.method) not in methods:
+            # RFC 9110 §15.5.6: a 405 lists the methods the resource supports.
+            return self._rejection(request, ProxyError(
+                405, f"{request.method} is not allowed on {request.path}", "invalid_request_error",
+                "method_not_allowed"), [("allow", _allow(methods))])
+        if self.keys and request.path not in self.open_routes and not self._key_matches(request):
+            return self._rejection(request, _bad_key())
+        return None
+
+    def _methods(self, path: str) -> dict | None:
+        """The handlers of a path by method, or None for an unknown path."""
+        methods = self.routes.get(path)
+        if methods is None:
+            for prefix, handlers in self.prefix_routes:
+                if path.startswith(prefix):
+                    return handlers
+        return methods
+
+    def _key_matches(self, request: Request) -> bool:
+        """Check the client key in constant time against every configured key."""
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        given_bytes = given.strip().encode()
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(given_bytes, key)
+        return matched and scheme.lower() == "bearer"
+
+    def _rejection(self, request: Request, exc: ProxyError,
+                   extra: list[tuple[str, str]] | None = None) -> Rejection:
+        """An OpenAI-shaped answer from the head alone; readable by an allowed browser origin."""
+        headers = _error_headers(exc) + (extra or [])
+        origin = request.headers.get("origin")
+        if origin is not None and exc.status != 403:
+            headers.extend(self.cors.answer_fields(origin))
+        body = b"" if request.method == "HEAD" else error_body(
+            exc.status, exc.message, exc.type, exc.code, exc.param)
+        return Rejection(exc.status, headers, body)
+
     async def handle(self, request: Request, responder: Responder) -> None:
-        """Route one request and turn every failure into one OpenAI-shaped answer."""
+        """Serve one admitted request and turn every failure into one OpenAI-shaped answer."""
         counters = self.counters
         counters.total += 1
         counters.active += 1
+        origin = request.headers.get("origin")
+        if origin is not None:  # admit() let only allowed origins through
+            responder = CorsResponder(responder, self.cors.answer_fields(origin))
         try:
             await self._dispatch(request, responder)
         except ProxyError as exc:
@@ -162,51 +222,30 @@ class App:
             counters.active -= 1
 
     async def _dispatch(self, request: Request, responder: Responder) -> None:
-        methods = self.routes.get(request.path)
-        if methods is None and request.path.startswith(("/v1/models/", "/models/")):
-            methods = {"GET": self.get_model}
         if request.method == "OPTIONS":
             return await self._preflight(request, responder)
-        if methods is None:
-            raise ProxyError(404, f"no route for {request.path}", "invalid_request_error", "not_found")
-        handler = methods.get("GET" if request.method == "HEAD" else request.method)
-        if handler is None:
-            raise ProxyError(405, f"{request.method} is not allowed on {request.path}",
-                             "invalid_request_error", "method_not_allowed")
-        if request.path not in self.open_routes:
-            self._authenticate(request)
+        handler = (self._methods(request.path) or {}).get("GET" if request.method == "HEAD" else request.method)
+        if handler is None:  # admit() answers these; only a server built without it gets here
+            raise _not_found(request.path)
         await handler(request, responder)
-
-    def _authenticate(self, request: Request) -> None:
-        """Check the client key in constant time against every configured key."""
-        if not self.keys:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        given_bytes = given.strip().encode()
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(given_bytes, key)
-        if not matched or scheme.lower() != "bearer":
-            raise ProxyError(401, "missing or invalid API key: send Authorization: Bearer <LOCAL_API_KEY>",
-                             "invalid_request_error", "invalid_api_key")
 
     async def _send_error(self, responder: Responder, exc: ProxyError) -> None:
         if responder.started:
             log.warning("error after the response started: %s", exc.message)
             return
-        headers = list(JSON_HEADERS)
-        if exc.status == 401:
-            headers.append(("www-authenticate", "Bearer"))
-        if exc.retry_after:
-            headers.append(("retry-after", exc.retry_after))
         body = error_body(exc.status, exc.message, exc.type, exc.code, exc.param)
-        await responder.send(exc.status, headers, body)
+        await responder.send(exc.status, _error_headers(exc), body)
 
     async def _preflight(self, request: Request, responder: Responder) -> None:
-        asked = request.headers.get("access-control-request-headers", "")
-        allowed = asked if asked and all(c.isalnum() or c in "-_, " for c in asked) else PREFLIGHT_ALLOW
-        headers = [CORS_ORIGIN, ("access-control-allow-methods", "GET, POST, OPTIONS"),
-                   ("access-control-allow-headers", allowed), ("access-control-max-age", "86400")]
+        """OPTIONS: the allowed methods (RFC 9110 §9.3.7); for a browser, the CORS preflight fields."""
+        methods = self._methods(request.path)
+        if methods is None:
+            methods = {m: None for handlers in (*self.routes.values(), *(h for _, h in self.prefix_routes))
+                       for m in handlers}
+        allow = _allow(methods)
+        headers = [("allow", allow)]
+        if "origin" in request.headers:
+            headers += preflight_fields(allow, request.headers.get("access-control-request-headers", ""))
         await responder.send(204, headers, b"")
 
     async def chat_completions(self, request: Request, responder: Responder) -> None:
@@ -325,12 +364,10 @@ class App:
         return warnings
 
     async def page(self, request: Request, responder: Responder) -> None:
-        headers = [("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache"), CORS_ORIGIN]
+        headers = [("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache")]
         await responder.send(200, headers, self.status_page)
 
     async def debug_token(self, request: Request, responder: Responder) -> None:
-        if not self.config.debug_endpoints:
-            raise ProxyError(404, f"no route for {request.path}", "invalid_request_error", "not_found")
         await responder.send(200, JSON_HEADERS, dumps(self.tokens.debug_info()))
 
     def spawn(self, coro) -> None:
@@ -338,6 +375,33 @@ class App:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _not_found(path: str) -> ProxyError:
+    return ProxyError(404, f"no route for {path}", "invalid_request_error", "not_found")
+
+
+def _bad_key() -> ProxyError:
+    return ProxyError(401, "missing or invalid API key: send Authorization: Bearer <LOCAL_API_KEY>",
+                      "invalid_request_error", "invalid_api_key")
+
+
+def _allow(methods) -> str:
+    """The Allow field of a resource: its methods, HEAD wherever GET is, and OPTIONS."""
+    names = set(methods) | {"OPTIONS"}
+    if "GET" in names:
+        names.add("HEAD")
+    return ", ".join(sorted(names))
+
+
+def _error_headers(exc: ProxyError) -> list[tuple[str, str]]:
+    """The fields of an error answer: JSON, and the challenge or Retry-After it calls for."""
+    headers = list(JSON_HEADERS)
+    if exc.status == 401:
+        headers.append(("www-authenticate", "Bearer"))
+    if exc.retry_after:
+        headers.append(("retry-after", exc.retry_after))
+    return headers
 
 
 def _stream_failure(exc: httpx.HTTPError) -> bytes:
