@@ -28,7 +28,8 @@ from errors import ProxyError, answer_failure, error_body, incomplete_failure, s
 from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, UpstreamStreamError,
                  dumps, error_frame)
 from tokens import TokenManager
-from upstream import AccountRoute, ApiKeyRoute, ModelCatalog, Upstream, make_client, stop_upstream
+from upstream import (AccountRoute, ApiKeyRoute, Departure, ModelCatalog, Upstream, make_client,
+                      stop_upstream)
 
 __version__ = "0.1.0"
 
@@ -38,6 +39,7 @@ JSON_HEADERS = [("content-type", "application/json")]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
                ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
 NOISY_LOGGERS = ("httpx", "httpcore", "hpack", "h2", "h11")
+DONE_GRACE = 0.25  # seconds a complete answer's upstream has to end its body before it is closed
 
 
 class KeepAlive:
@@ -255,13 +257,17 @@ class App:
         except RequestError as exc:
             raise ProxyError(400, exc.message, "invalid_request_error", "invalid_request",
                              param=exc.param) from None
-        response = await self.upstream.open(body, lambda: responder.gone)
-        # A departed client stops its upstream answer at once; the reading task
-        # (this one) is never cancelled, as a task cancelled mid-write over TLS
-        # breaks a shared HTTP/2 connection for every request on it.
-        responder.on_gone(lambda: self.spawn(stop_upstream(response)))
+        # The departure hook comes first: a client that leaves while upstream is being
+        # opened stops the attempt in flight, and no further attempt starts. Then it stops
+        # the upstream answer. The task awaiting upstream (this one) is never cancelled, as
+        # a task cancelled mid-write over TLS breaks a shared HTTP/2 connection for every
+        # request on it.
+        departure = Departure()
+        responder.on_gone(departure.left)
+        response = await self.upstream.open(body, departure)
+        departure.stop_with(lambda: self.spawn(stop_upstream(response)))
         try:
-            if responder.gone:
+            if departure.gone:
                 return
             if wants_stream(body):
                 await self._relay_stream(response, responder, wants_usage(body))
@@ -278,8 +284,9 @@ class App:
         await responder.start(200, SSE_HEADERS)
         keepalive = KeepAlive(responder, self.config.sse_keepalive)
         frames: list[bytes] = []
+        chunks = response.aiter_bytes()
         try:
-            async for raw in response.aiter_bytes():
+            async for raw in chunks:
                 keepalive.touch()
                 for event, data in decoder.feed(raw):
                     if (frame := relay.relay(event, data)) is not None:
@@ -289,37 +296,63 @@ class App:
                     frames.clear()
                 if responder.gone:
                     return
-            tail = relay.finish() if relay.done else error_frame(incomplete_failure().error())
+                if relay.complete:  # whatever upstream does next cannot change the answer
+                    break
+            tail = relay.finish() if relay.whole(include_usage) else error_frame(incomplete_failure().error())
         except UpstreamStreamError as exc:
             tail = b"".join(frames) + error_frame(exc.error)  # the events before the error still count
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
-            tail = _stream_failure(exc)
+            tail = relay.finish() if relay.whole(include_usage) else _stream_failure(exc)
         finally:
             keepalive.stop()
         await responder.write(tail)
         await responder.end()
+        if relay.complete:
+            await self._finish_upstream(response, chunks)
 
     async def _relay_whole(self, response: httpx.Response, responder: Responder, model: str) -> None:
         """Aggregate the upstream events into one chat.completion object."""
         aggregator = CompletionAggregator(model)
         decoder = SSEDecoder()
+        chunks = response.aiter_bytes()
         try:
-            async for raw in response.aiter_bytes():
+            async for raw in chunks:
                 for event in decoder.feed(raw):
                     aggregator.add(*event)
                 if responder.gone:
                     return
+                if aggregator.complete:
+                    break
         except UpstreamStreamError as exc:
             raise stream_error_failure(exc.error) from None
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
-            raise answer_failure(exc) from None
-        if not aggregator.done:
+            if not aggregator.whole(False):
+                raise answer_failure(exc) from None
+        if not aggregator.whole(False):
             raise incomplete_failure()
         await responder.send(200, JSON_HEADERS, dumps(aggregator.result()))
+        if aggregator.complete:
+            await self._finish_upstream(response, chunks)
+
+    async def _finish_upstream(self, response: httpx.Response, chunks) -> None:
+        """Give a complete answer's upstream a moment to end its framing, then close it.
+
+        Upstream normally ends the body right after [DONE], and reading that end keeps an
+        HTTP/1.1 connection reusable; one that lingers (or drops) is closed after DONE_GRACE
+        seconds without waiting for EOF. The client has its whole answer already.
+        """
+        closer = asyncio.get_running_loop().call_later(DONE_GRACE, lambda: self.spawn(stop_upstream(response)))
+        try:
+            async for _ in chunks:
+                pass
+        except (httpx.HTTPError, httpx.StreamError):
+            pass  # the answer was complete: what the connection does now is no one's error
+        finally:
+            closer.cancel()
 
     async def list_models(self, request: Request, responder: Responder) -> None:
         models = await self.catalog.models()

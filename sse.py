@@ -206,6 +206,9 @@ def _plain_chunk_frame(data: bytes) -> bytes | None:
     usages = data.count(b'"usage"')
     if usages and usages != data.count(b'"usage":null'):
         return None  # a real usage object: the usage rules need the full parse
+    finishes = data.count(b'"finish_reason"')
+    if finishes and finishes != data.count(b'"finish_reason":null'):
+        return None  # a choice ends here: the reader notes it, so the answer's end is known
     key = data.find(_CREATED_KEY)
     if key < 0:
         return encode(data)
@@ -219,22 +222,37 @@ def _plain_chunk_frame(data: bytes) -> bytes | None:
 
 
 class _ChunkReader:
-    """What relay and aggregation share: [DONE], events that are not JSON, error events."""
+    """What relay and aggregation share: [DONE], events that are not JSON, error events, the end.
 
-    __slots__ = ("done", "skipped")
+    An answer is `complete` once [DONE] or a usage object has arrived (upstream is always
+    asked for usage, and sends it last): nothing upstream does afterwards can change it.
+    """
+
+    __slots__ = ("done", "skipped", "complete", "finished")
 
     def _next_chunk(self, event: str, data: bytes) -> dict | None:
         """The chunk of one event, or None for [DONE] and for events the client must not see."""
         if data == _DONE_DATA or self.done:
-            self.done = True
+            self.done = self.complete = True
             return None
         chunk = _load_chunk(event, data)
         if chunk is None:
             if data.strip() == _DONE_DATA:  # "[DONE]" with stray spaces, off the fast path
-                self.done = True
+                self.done = self.complete = True
             else:
                 self.skipped += 1
+            return None
+        if isinstance(chunk.get("usage"), dict):
+            self.complete = True
+        choices = chunk.get("choices")
+        if type(choices) is list and not self.finished:
+            self.finished = any(type(c) is dict and c.get("finish_reason") is not None for c in choices)
         return chunk
+
+    def whole(self, wants_usage: bool) -> bool:
+        """Whether the answer is whole should upstream stop now: complete, or a finish_reason
+        has arrived and the client asked for no usage (one choice: n > 1 is not told apart)."""
+        return self.complete or (self.finished and not wants_usage)
 
 
 # --- stream: true ------------------------------------------------------------------
@@ -249,6 +267,8 @@ class StreamRelay(_ChunkReader):
         self.include_usage = include_usage
         self.done = False   # upstream sent [DONE]
         self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
+        self.complete = False  # [DONE] or the usage chunk arrived: the answer is whole
+        self.finished = False  # a finish_reason arrived
 
     def relay(self, event: str, data: bytes) -> bytes | None:
         """The frame to send for one upstream event, or None when the client must not see it."""
@@ -365,6 +385,8 @@ class CompletionAggregator(_ChunkReader):
     def __init__(self, model: str = "") -> None:
         self.done = False
         self.skipped = 0
+        self.complete = False
+        self.finished = False
         self._default_model = model   # the requested model, used if no chunk names one
         self._model: str | None = None
         self._id: str | None = None

@@ -83,6 +83,8 @@ class Reply:
     hang: bool = False         # accept the request, never answer (until the client leaves)
     done: bool = True          # end with data: [DONE] (explicit chunks: unless they hold one)
     body: str | None = None    # raw body of a non-200 answer (e.g. an HTML gateway page)
+    head_delay: float = 0.0    # silence before the answer's status line (a slow queue)
+    after_events: str | None = None  # then "drop" the TCP connection, or "linger" open and silent
 
 
 # ---------------------------------------------------------------- answer bodies
@@ -483,6 +485,7 @@ class FakeSamba(FakeHTTPServer):
     async def _play(self, conn: Conn, reply: Reply, model: str, messages: list, stream: bool):
         if reply.hang:
             await conn.until_gone()
+        await conn.pause(reply.head_delay)
         if reply.status != 200:
             await conn.pause(reply.delay)
             body = reply.body.encode() if reply.body is not None else json.dumps(
@@ -513,6 +516,10 @@ class FakeSamba(FakeHTTPServer):
                 await conn.write(sse_frame(STREAM_ERROR))
                 break
             if i == len(events):
+                if reply.after_events == "drop":
+                    return conn.drop()
+                if reply.after_events == "linger":
+                    await conn.until_gone()
                 break
             await conn.pause(reply.first_delay if i == 0 else reply.delay)
             await conn.write(sse_frame(events[i]))

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from conftest import AUTH, CLIENT_KEY
+from fake_samba import Reply
 from server_helpers import RawH2, read_response
 
 HELLO = {"model": "Meta-Llama-3.3-70B-Instruct", "messages": [{"role": "user", "content": "hello"}]}
@@ -167,3 +168,121 @@ async def test_client_key_never_appears_in_rejections(proxy):
             for method, path, origin in (("POST", CHAT, "https://e.example"), ("PUT", "/info", "https://e.example"),
                                          ("GET", "/nothing", "https://e.example"))]
     assert all(CLIENT_KEY not in body for body in bodies)
+
+
+# --- item 6: a departed client causes no upstream work ---------------------------------------
+
+def _chat_head(length: int) -> bytes:
+    return (f"POST {CHAT} HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {length}\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("http2", [False, True])
+async def test_client_leaving_while_upstream_is_slow_to_answer_stops_the_upstream_request(
+        fake, start_proxy, http2):
+    app = await start_proxy(fake, UPSTREAM_READ_TIMEOUT="60")
+    fake.script.append(Reply(head_delay=30))
+    body = json.dumps({**HELLO, "stream": True}).encode()
+    reader, writer = await _open(app)
+    try:
+        if http2:
+            client = RawH2(reader, writer)
+            stream_id = client.request("POST", CHAT, end_stream=False, extra=[
+                ("authorization", f"Bearer {CLIENT_KEY}"), ("content-length", str(len(body)))])
+            client.conn.send_data(stream_id, body, end_stream=True)
+            client.flush()
+        else:
+            writer.write(_chat_head(len(body)) + body)
+        await fake.wait_for(lambda f: f.open_streams == 1)
+        if http2:
+            client.conn.reset_stream(stream_id)
+            client.flush()
+        else:
+            writer.close()
+        # The fake would answer after 30 s: only the proxy stopping the request ends it sooner.
+        await fake.wait_for(lambda f: f.disconnects == 1 and f.open_streams == 0, timeout=2.0)
+    finally:
+        writer.close()
+    await asyncio.wait_for(_until(lambda: app.counters.active == 0), WAIT)
+    assert len(fake.completions) == 1
+
+
+async def test_streams_reset_before_their_upstream_attempt_cause_no_upstream_request(proxy, fake):
+    body = json.dumps(HELLO).encode()
+    reader, writer = await _open(proxy)
+    try:
+        client = RawH2(reader, writer)
+        for _ in range(5):  # HEADERS + DATA + RST_STREAM in one write: the rapid-reset pattern
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(stream_id, [(":method", "POST"), (":path", CHAT), (":scheme", "http"),
+                                                 (":authority", "x"), ("authorization", f"Bearer {CLIENT_KEY}")])
+            client.conn.send_data(stream_id, body, end_stream=True)
+            client.conn.reset_stream(stream_id)
+        client.flush()
+        last = client.request("POST", CHAT, end_stream=False, extra=[("authorization", f"Bearer {CLIENT_KEY}")])
+        client.conn.send_data(last, body, end_stream=True)
+        client.flush()
+        await client.until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == last)
+    finally:
+        writer.close()
+    await asyncio.wait_for(_until(lambda: proxy.counters.active == 0), WAIT)
+    assert len(fake.completions) == 1, "a reset stream reached upstream"
+
+
+async def _until(predicate):
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
+# --- item 7: [DONE] completes an answer ------------------------------------------------------
+
+def _content(r: httpx.Response, stream: bool) -> str:
+    if not stream:
+        return r.json()["choices"][0]["message"]["content"]
+    events = [json.loads(line[6:]) for line in r.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert not any("error" in e for e in events), r.text
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in events if c["choices"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("after", ["drop", "linger"])
+async def test_an_answer_is_complete_at_done_whatever_upstream_does_next(fake, start_proxy, stream, after):
+    # A read timeout far beyond the client's: waiting for upstream's EOF would fail the request.
+    app = await start_proxy(fake, UPSTREAM_READ_TIMEOUT="60")
+    fake.script.append(Reply(text="one two three", after_events=after))
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        r = await client.post(f"{app.url}{CHAT}", headers=AUTH, json={**HELLO, "stream": stream})
+    assert r.status_code == 200 and _content(r, stream) == "one two three"
+    if stream:
+        assert r.text.endswith("data: [DONE]\n\n") and r.text.count("[DONE]") == 1
+    if after == "linger":  # the proxy closed the upstream answer itself
+        await fake.wait_for(lambda f: f.disconnects == 1 and f.open_streams == 0)
+    await asyncio.wait_for(_until(lambda: app.counters.active == 0), WAIT)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_usage_chunk_completes_an_answer_without_done(fake, start_proxy, stream):
+    app = await start_proxy(fake, UPSTREAM_READ_TIMEOUT="60")
+    fake.script.append(Reply(text="one two", done=False, after_events="linger"))
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        r = await client.post(f"{app.url}{CHAT}", headers=AUTH, json={
+            **HELLO, "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})})
+    assert r.status_code == 200 and _content(r, stream) == "one two"
+    data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    usage = json.loads(data[-2])["usage"] if stream else r.json()["usage"]
+    assert usage["total_tokens"] > 0
+    await fake.wait_for(lambda f: f.disconnects == 1 and f.open_streams == 0)
+
+
+@pytest.mark.parametrize("include_usage, whole", [(False, True), (True, False)])
+async def test_a_drop_after_the_finish_reason_is_whole_unless_usage_was_asked(proxy, fake, include_usage, whole):
+    fake.script.append(Reply(text="one two", usage=False, done=False, after_events="drop"))
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        r = await client.post(f"{proxy.url}{CHAT}", headers=AUTH, json={
+            **HELLO, "stream": True, "stream_options": {"include_usage": include_usage}})
+    last = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")][-1]
+    if whole:
+        assert last == "[DONE]" and _content(r, True) == "one two"
+    else:
+        assert json.loads(last)["error"]["code"] == "upstream_disconnected"
