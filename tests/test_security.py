@@ -286,3 +286,46 @@ async def test_a_drop_after_the_finish_reason_is_whole_unless_usage_was_asked(pr
         assert last == "[DONE]" and _content(r, True) == "one two"
     else:
         assert json.loads(last)["error"]["code"] == "upstream_disconnected"
+
+
+class _SlowH2Upstream:
+    """An HTTPS upstream speaking HTTP/2 (the real service's protocol) that never answers in time."""
+
+    def __init__(self):
+        self.entered = 0
+        self.versions = set()
+        self.left = asyncio.Event()
+
+    async def __call__(self, request, responder):
+        self.entered += 1
+        self.versions.add(request.http_version)
+        responder.on_gone(self.left.set)
+        await asyncio.wait_for(self.left.wait(), 30)
+
+
+async def test_client_leaving_while_an_http2_upstream_is_slow_resets_that_stream(
+        fake, start_proxy, certificate, monkeypatch):
+    import ssl
+
+    from server import Server
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    upstream = _SlowH2Upstream()
+    server = Server(upstream, max_body_bytes=1 << 20, ssl_context=context)
+    await server.start("127.0.0.1", 0)
+    try:
+        monkeypatch.setenv("SSL_CERT_FILE", cert)  # read by httpx when the proxy makes its client
+        app = await start_proxy(fake, UPSTREAM_READ_TIMEOUT="60",
+                                SAMBA_COMPLETION_URL=f"https://127.0.0.1:{server.port}/api/completion")
+        body = json.dumps({**HELLO, "stream": True}).encode()
+        reader, writer = await _open(app)
+        writer.write(_chat_head(len(body)) + body)
+        await asyncio.wait_for(_until(lambda: upstream.entered == 1), WAIT)
+        writer.close()
+        await asyncio.wait_for(upstream.left.wait(), 2.0)  # RST_STREAM reached upstream
+        await asyncio.wait_for(_until(lambda: app.counters.active == 0), WAIT)
+        assert upstream.versions == {"2"} and len(server.connections) == 1, "the stream alone is reset"
+    finally:
+        await server.shutdown(grace=0.5)
