@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_FAKE_PORT ?= 8123
 
-.PHONY: run demo test bench bench-quick docker-check clean
+.PHONY: run demo test bench bench-quick attack docker-check clean
 
 run: $(VENV)/.runtime
 	$(BIN)/python sambaproxy.py
@@ -23,6 +23,11 @@ bench: $(VENV)/.dev $(VENV)/.bench
 
 bench-quick: $(VENV)/.dev $(VENV)/.bench
 	$(BIN)/python tests/bench.py --quick
+
+# Hostile clients (tests/attack.py) against a local proxy and the fake, about a minute;
+# prints what each did to the proxy's memory, fds, upstream and /info. Not part of `make test`.
+attack: $(VENV)/.dev
+	$(BIN)/python tests/attack.py
 
 docker-check:
 	../shared/tools/docker/check.sh .

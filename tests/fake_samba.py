@@ -6,6 +6,7 @@ official API's /v1/models and /v1/chat/completions.  Tests script answers
 through `FakeSamba.script` and observe it through its counters and `wait_for`.
 
 Standalone: python tests/fake_samba.py --port 8123 --email E --password P
+(GET /_fake/stats shows its counters; POST /_fake/script {"stall_after": 1} scripts the next answer.)
 """
 from __future__ import annotations
 
@@ -275,6 +276,9 @@ class FakeSamba(FakeHTTPServer):
             "/api/completion": ("POST", self._completion),
             "/v1/models": ("GET", self._models),
             "/v1/chat/completions": ("POST", self._official),
+            # Not SambaNova's: how another process (tests/attack.py) scripts and observes the fake.
+            "/_fake/stats": ("GET", self._stats),
+            "/_fake/script": ("POST", self._script_reply),
         }
 
     @property
@@ -338,6 +342,18 @@ class FakeSamba(FakeHTTPServer):
     def error_object(self, status: int, message: str | None = None) -> dict:
         """SambaNova's OpenAI-shaped errors, for unknown routes and malformed requests too."""
         return error_body(status, message)
+
+    async def _stats(self, conn: Conn, req: Request) -> None:
+        await self._json(conn, 200, self.snapshot())
+
+    async def _script_reply(self, conn: Conn, req: Request) -> None:
+        """Append the Reply whose fields the JSON body names (e.g. {"stall_after": 1})."""
+        fields = req.json()
+        try:
+            self.script.append(Reply(**fields))
+        except TypeError as exc:
+            return await self._json(conn, 400, error_body(400, str(exc)))
+        await self._json(conn, 200, {"script_left": len(self.script)})
 
     # ------------------------------------------------------------ login flow
 
