@@ -298,13 +298,13 @@ class App:
                     return
                 if relay.complete:  # whatever upstream does next cannot change the answer
                     break
-            tail = relay.finish() if relay.whole(include_usage) else error_frame(incomplete_failure().error())
+            tail = relay.finish() if relay.whole() else error_frame(incomplete_failure().error())
         except UpstreamStreamError as exc:
             tail = b"".join(frames) + error_frame(exc.error)  # the events before the error still count
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
-            tail = relay.finish() if relay.whole(include_usage) else _stream_failure(exc)
+            tail = relay.finish() if relay.whole() else _stream_failure(exc)
         finally:
             keepalive.stop()
         await responder.write(tail)
@@ -330,9 +330,9 @@ class App:
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
-            if not aggregator.whole(False):
+            if not aggregator.whole():
                 raise answer_failure(exc) from None
-        if not aggregator.whole(False):
+        if not aggregator.whole():
             raise incomplete_failure()
         await responder.send(200, JSON_HEADERS, dumps(aggregator.result()))
         if aggregator.complete:

@@ -206,9 +206,6 @@ def _plain_chunk_frame(data: bytes) -> bytes | None:
     usages = data.count(b'"usage"')
     if usages and usages != data.count(b'"usage":null'):
         return None  # a real usage object: the usage rules need the full parse
-    finishes = data.count(b'"finish_reason"')
-    if finishes and finishes != data.count(b'"finish_reason":null'):
-        return None  # a choice ends here: the reader notes it, so the answer's end is known
     key = data.find(_CREATED_KEY)
     if key < 0:
         return encode(data)
@@ -228,7 +225,7 @@ class _ChunkReader:
     asked for usage, and sends it last): nothing upstream does afterwards can change it.
     """
 
-    __slots__ = ("done", "skipped", "complete", "finished")
+    __slots__ = ("done", "skipped", "complete")
 
     def _next_chunk(self, event: str, data: bytes) -> dict | None:
         """The chunk of one event, or None for [DONE] and for events the client must not see."""
@@ -241,18 +238,20 @@ class _ChunkReader:
                 self.done = self.complete = True
             else:
                 self.skipped += 1
-            return None
-        if isinstance(chunk.get("usage"), dict):
+        elif isinstance(chunk.get("usage"), dict):
             self.complete = True
-        choices = chunk.get("choices")
-        if type(choices) is list and not self.finished:
-            self.finished = any(type(c) is dict and c.get("finish_reason") is not None for c in choices)
         return chunk
 
-    def whole(self, wants_usage: bool) -> bool:
-        """Whether the answer is whole should upstream stop now: complete, or a finish_reason
-        has arrived and the client asked for no usage (one choice: n > 1 is not told apart)."""
-        return self.complete or (self.finished and not wants_usage)
+
+def _ends_a_choice(data: bytes | None) -> bool:
+    """Whether an event's chunk carries a finish_reason (parsed only when upstream stopped early)."""
+    try:
+        chunk = json.loads(data)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    choices = chunk.get("choices") if type(chunk) is dict else None
+    return type(choices) is list and any(type(c) is dict and c.get("finish_reason") is not None
+                                         for c in choices)
 
 
 # --- stream: true ------------------------------------------------------------------
@@ -261,17 +260,18 @@ class _ChunkReader:
 class StreamRelay(_ChunkReader):
     """Turns upstream chunk events into client frames, re-encoding only chunks that must change."""
 
-    __slots__ = ("include_usage",)
+    __slots__ = ("include_usage", "last")
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage
         self.done = False   # upstream sent [DONE]
         self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
         self.complete = False  # [DONE] or the usage chunk arrived: the answer is whole
-        self.finished = False  # a finish_reason arrived
+        self.last: bytes | None = None  # the last event's data, judged only if upstream stops early
 
     def relay(self, event: str, data: bytes) -> bytes | None:
         """The frame to send for one upstream event, or None when the client must not see it."""
+        self.last = data
         if event == "message" and not self.done:
             frame = _plain_chunk_frame(data)
             if frame is not None:
@@ -299,6 +299,11 @@ class StreamRelay(_ChunkReader):
     def finish(self) -> bytes:
         """The one terminal frame of every stream."""
         return DONE
+
+    def whole(self) -> bool:
+        """Whether the client has its whole answer should upstream stop now: the answer is
+        complete, or it asked for no usage and the last chunk had its finish_reason."""
+        return self.complete or (not self.include_usage and _ends_a_choice(self.last))
 
 
 # --- stream: false -----------------------------------------------------------------
@@ -386,7 +391,6 @@ class CompletionAggregator(_ChunkReader):
         self.done = False
         self.skipped = 0
         self.complete = False
-        self.finished = False
         self._default_model = model   # the requested model, used if no chunk names one
         self._model: str | None = None
         self._id: str | None = None
@@ -409,6 +413,12 @@ class CompletionAggregator(_ChunkReader):
                     index = index if type(index) is int else 0
                     state = self._choices.get(index) or self._choices.setdefault(index, _ChoiceState())
                     state.add(choice)
+
+    def whole(self) -> bool:
+        """Whether the answer is whole should upstream stop now: complete, or every choice
+        has its finish_reason (usage then counts as zero, as when upstream sends none)."""
+        return self.complete or bool(self._choices) and all(
+            state.finish_reason is not None for state in self._choices.values())
 
     def _add_meta(self, chunk: dict) -> None:
         """Keep the completion-level fields: the first id/model/created, the last usage."""

@@ -329,3 +329,68 @@ async def test_client_leaving_while_an_http2_upstream_is_slow_resets_that_stream
         assert upstream.versions == {"2"} and len(server.connections) == 1, "the stream alone is reset"
     finally:
         await server.shutdown(grace=0.5)
+
+
+# --- the same rules, sans-IO -------------------------------------------------------------------
+
+def _chunk(finish=None, usage=None, choices=True) -> bytes:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": finish}] if choices else []}
+    if usage is not None:
+        chunk["usage"] = usage
+    return json.dumps(chunk, separators=(",", ":")).encode()
+
+
+def test_relay_is_complete_at_done_or_usage_and_whole_at_a_finish_without_usage_asked():
+    from sse import StreamRelay
+    done = StreamRelay(False)
+    done.relay("message", _chunk())
+    assert not done.complete and not done.whole()
+    done.relay("message", b"[DONE]")
+    assert done.complete and done.whole()
+    usage = StreamRelay(True)
+    usage.relay("message", _chunk(finish="stop"))
+    assert not usage.complete and not usage.whole()  # the client waits for its usage chunk
+    usage.relay("message", _chunk(usage={"total_tokens": 3}, choices=False))
+    assert usage.complete and usage.whole()
+    finish = StreamRelay(False)
+    finish.relay("message", _chunk(finish="length"))
+    assert not finish.complete and finish.whole()
+
+
+def test_aggregator_is_whole_once_every_choice_has_finished():
+    from sse import CompletionAggregator
+    aggregator = CompletionAggregator("m")
+    aggregator.add("message", _chunk())
+    assert not aggregator.whole()
+    aggregator.add("message", _chunk(finish="stop"))
+    assert aggregator.whole() and not aggregator.complete
+    aggregator.add("message", _chunk(usage={"total_tokens": 3}, choices=False))
+    assert aggregator.complete
+
+
+async def test_an_attempt_ends_itself_at_the_next_step_once_its_client_has_gone():
+    from server import ClientGone
+    from upstream import Departure, _Attempt
+    departure = Departure()
+    async with httpx.AsyncClient() as client:
+        attempt = _Attempt(client, departure, set())
+        await attempt.trace("connection.connect_tcp.started", {})  # still here: nothing happens
+        departure.left()
+        await attempt.trace("http11.response_closed.started", {})  # cleanup steps always run
+        with pytest.raises(ClientGone):
+            await attempt.trace("http11.send_request_headers.started", {})
+        attempt.opening = False
+        await attempt.trace("http11.receive_response_body.started", {})  # the answer is the relay's
+
+
+def test_departure_stops_what_is_in_flight_once():
+    from upstream import Departure
+    stopped = []
+    departure = Departure()
+    departure.stop_with(lambda: stopped.append("attempt"))
+    departure.stop_with(None)
+    departure.left()
+    departure.left()
+    departure.stop_with(lambda: stopped.append("answer"))  # registered after the departure: at once
+    assert stopped == ["answer"] and departure.gone
