@@ -20,6 +20,7 @@ import urllib.parse
 
 import httpx
 
+from apis import ApiRoutes, error_answer_body, presented_key
 from config import Config, ConfigError, load_config
 from cors import CorsPolicy, CorsResponder, preflight_fields
 from server import Rejection, Request, Responder, Server
@@ -43,11 +44,12 @@ DONE_GRACE = 0.25  # seconds a complete answer's upstream has to end its body be
 
 
 class KeepAlive:
-    """Sends `: keep-alive` when upstream has been silent for `interval` seconds."""
+    """Sends `: keep-alive` (or another `frame`) when upstream has been silent for `interval` seconds."""
 
-    def __init__(self, responder: Responder, interval: float) -> None:
+    def __init__(self, responder: Responder, interval: float, frame: bytes = KEEPALIVE) -> None:
         self.responder = responder
         self.interval = interval
+        self.frame = frame
         self.loop = asyncio.get_running_loop()
         self.last = self.loop.time()
         self.handle = self.loop.call_later(interval, self._check) if interval > 0 else None
@@ -58,7 +60,7 @@ class KeepAlive:
     def _check(self) -> None:
         idle = self.loop.time() - self.last
         if idle >= self.interval:
-            self.responder.write_if_idle(KEEPALIVE)
+            self.responder.write_if_idle(self.frame)
             self.last, idle = self.loop.time(), 0.0
         self.handle = self.loop.call_later(self.interval - idle, self._check)
 
@@ -117,7 +119,10 @@ class App:
         }
         if config.debug_endpoints:
             self.routes["/debug/token"] = {"GET": self.debug_token}
-        self.prefix_routes = (("/v1/models/", {"GET": self.get_model}), ("/models/", {"GET": self.get_model}))
+        self.apis = ApiRoutes(self, KeepAlive, JSON_HEADERS, SSE_HEADERS)
+        self.routes.update(self.apis.routes)
+        self.prefix_routes = (("/v1/models/", {"GET": self.get_model}), ("/models/", {"GET": self.get_model}),
+                              ("/v1/responses/", self.apis.stored_routes))
         self.open_routes = frozenset(("/info", "/"))
         self.cors = CorsPolicy(config.cors_origins, bool(self.keys))
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
@@ -189,12 +194,12 @@ class App:
 
     def _key_matches(self, request: Request) -> bool:
         """Check the client key in constant time against every configured key."""
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        given_bytes = given.strip().encode()
+        given = presented_key(request)
+        given_bytes = (given or "").encode()
         matched = False
         for key in self.keys:
             matched |= hmac.compare_digest(given_bytes, key)
-        return matched and scheme.lower() == "bearer"
+        return matched and given is not None
 
     def _rejection(self, request: Request, exc: ProxyError,
                    extra: list[tuple[str, str]] | None = None) -> Rejection:
@@ -203,8 +208,7 @@ class App:
         origin = request.headers.get("origin")
         if origin is not None and exc.status != 403:
             headers.extend(self.cors.answer_fields(origin))
-        body = b"" if request.method == "HEAD" else error_body(
-            exc.status, exc.message, exc.type, exc.code, exc.param)
+        body = b"" if request.method == "HEAD" else _error_answer(request.path, exc)
         return Rejection(exc.status, headers, body)
 
     async def handle(self, request: Request, responder: Responder) -> None:
@@ -219,7 +223,7 @@ class App:
             await self._dispatch(request, responder)
         except ProxyError as exc:
             counters.errors += 1
-            await self._send_error(responder, exc)
+            await self._send_error(responder, exc, request.path)
         finally:
             counters.active -= 1
 
@@ -231,12 +235,11 @@ class App:
             raise _not_found(request.path)
         await handler(request, responder)
 
-    async def _send_error(self, responder: Responder, exc: ProxyError) -> None:
+    async def _send_error(self, responder: Responder, exc: ProxyError, path: str) -> None:
         if responder.started:
             log.warning("error after the response started: %s", exc.message)
             return
-        body = error_body(exc.status, exc.message, exc.type, exc.code, exc.param)
-        await responder.send(exc.status, _error_headers(exc), body)
+        await responder.send(exc.status, _error_headers(exc), _error_answer(path, exc))
 
     async def _preflight(self, request: Request, responder: Responder) -> None:
         """OPTIONS: the allowed methods (RFC 9110 §9.3.7); for a browser, the CORS preflight fields."""
@@ -425,6 +428,11 @@ def _allow(methods) -> str:
     if "GET" in names:
         names.add("HEAD")
     return ", ".join(sorted(names))
+
+
+def _error_answer(path: str, exc: ProxyError) -> bytes:
+    """An error body in the shape of the API the path belongs to (Anthropic's on Messages routes)."""
+    return error_answer_body(path, exc) or error_body(exc.status, exc.message, exc.type, exc.code, exc.param)
 
 
 def _error_headers(exc: ProxyError) -> list[tuple[str, str]]:

@@ -254,6 +254,21 @@ def _ends_a_choice(data: bytes | None) -> bool:
                                          for c in choices)
 
 
+class ChunkReader(_ChunkReader):
+    """Upstream events as chunk dicts, for translators of other APIs (apis.py); None for the rest."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        self.done = False   # upstream sent [DONE]
+        self.skipped = 0    # events dropped as not JSON objects
+        self.complete = False  # [DONE] or the usage chunk arrived: the answer is whole
+
+    def chunk(self, event: str, data: bytes) -> dict | None:
+        """The chunk of one event; raises UpstreamStreamError for an error event."""
+        return self._next_chunk(event, data)
+
+
 # --- stream: true ------------------------------------------------------------------
 
 

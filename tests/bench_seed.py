@@ -3,7 +3,7 @@
 This is what the team's "at least 2x the seed stack's throughput" goal measures against: the
 usual first version of such a gateway, with no tuning. One shared httpx.AsyncClient(http2=True);
 POST /v1/chat/completions parses the JSON body, builds the same SambaNova payload as the proxy
-(sse.samba_payload, upstream.BROWSER_HEADERS), always streams from upstream, and either relays
+(chat.samba_payload, upstream.BROWSER_HEADERS), always streams from upstream, and either relays
 the upstream bytes (stream: true) or folds the events into one chat.completion (stream: false).
 No login: the access_token cookie comes from SEED_TOKEN (the bench logs in once and passes it).
 
@@ -32,7 +32,8 @@ from hypercorn.config import Config as HypercornConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sse import CompletionAggregator, SSEDecoder, new_fingerprint, samba_payload  # noqa: E402
+from chat import new_fingerprint, samba_payload  # noqa: E402
+from sse import CompletionAggregator, SSEDecoder  # noqa: E402
 from upstream import BROWSER_HEADERS  # noqa: E402
 
 TOKEN = os.environ.get("SEED_TOKEN", "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -76,6 +77,17 @@ async def proxy(fake, start_proxy):
 
 
 AUTH = {"authorization": f"Bearer {CLIENT_KEY}"}
+
+
+@pytest.fixture
+def closed_port():
+    """A 127.0.0.1 port where connections are refused: bound for the test's life, never listening."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
 
 
 @pytest.fixture(scope="session")

@@ -84,6 +84,7 @@ class Reply:
     hang: bool = False         # accept the request, never answer (until the client leaves)
     done: bool = True          # end with data: [DONE] (explicit chunks: unless they hold one)
     body: str | None = None    # raw body of a non-200 answer (e.g. an HTML gateway page)
+    reasoning: str | None = None  # thinking sent first as delta.reasoning_content (parsed style)
     head_delay: float = 0.0    # silence before the answer's status line (a slow queue)
     after_events: str | None = None  # then "drop" the TCP connection, or "linger" open and silent
 
@@ -155,6 +156,9 @@ def stream_events(reply: Reply, model: str, messages: list) -> list[dict | str]:
         text = reply.text if reply.text is not None else _echo(messages)
         pieces = re.findall(r"\S+\s*|\s+", text) or [""]
         deltas, finish = [{"role": "assistant", "content": p} for p in pieces], "stop"
+    if reply.reasoning:
+        deltas = [{"role": "assistant", "reasoning_content": p}
+                  for p in re.findall(r"\S+\s*|\s+", reply.reasoning)] + deltas
     events: list[dict | str] = [
         {**base, "choices": [{"index": 0, "delta": d, "finish_reason": None, "logprobs": None}]}
         for d in deltas]

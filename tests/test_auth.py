@@ -281,11 +281,8 @@ async def test_login_failures_against_the_fake(samba, client, status, retry_afte
     assert samba.logins == 0 and samba.login_attempts == 1
 
 
-async def test_unreachable_upstream(client):
-    fake = FakeSamba()
-    await fake.start()
-    url = fake.url
-    await fake.stop()                      # nothing listens on that port any more
+async def test_unreachable_upstream(client, closed_port):
+    url = f"http://127.0.0.1:{closed_port}"  # bound for the test's life, never listening
     with pytest.raises(LoginError, match=r"^could not reach http://127\.0\.0\.1:\d+: ConnectError$"):
         await asyncio.wait_for(login(client, f"{url}/api/config", EMAIL, PASSWORD), 5.0)
 

@@ -5,6 +5,7 @@ import json
 import logging
 import socket
 
+import h2.events
 import httpx
 import pytest
 from server_helpers import (  # noqa: F401 (fixtures)
@@ -38,9 +39,30 @@ async def test_exception_after_start_aborts_the_response(client):
     assert (await client.get("/echo")).status_code == 200
 
 
-async def test_head_gets_headers_only(client):
-    response = await client.head("/echo")
-    assert response.status_code == 200 and response.content == b""
+@pytest.mark.parametrize("path", ["/big-send?5", "/stream?3"])
+async def test_h1_head_gets_headers_only(connect, server, caplog, path):
+    # Raw bytes: httpx reads no body after HEAD, so a body sent anyway would go unseen.
+    # A body on the wire would come before the next answer's status line.
+    reader, writer = await connect()
+    writer.write(b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\nGET /echo?next HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    if path.startswith("/big-send"):
+        assert b"content-length: 5\r\n" in head  # the length a GET would get (RFC 9110 §9.3.2)
+    _, status, headers, body = await read_response(reader)
+    assert (status, headers["x-query"], body) == (200, "next", b"")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # the handler's writes were no-ops
+
+
+@pytest.mark.parametrize("path", ["/big-send?5", "/stream?3"])
+async def test_h2_head_gets_headers_only(connect, server, caplog, path):
+    client = RawH2(*await connect())
+    stream_id = client.request("HEAD", path)
+    events = await client.until(lambda e: isinstance(e, h2.events.StreamEnded) and e.stream_id == stream_id)
+    response = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert len(response) == 1 and (b":status", b"200") in response[0].headers
+    assert not [e for e in events if isinstance(e, h2.events.DataReceived) and e.data]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # the handler's writes were no-ops
 
 
 async def test_write_waits_for_the_transport_to_drain(client, app):

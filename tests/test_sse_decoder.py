@@ -153,3 +153,30 @@ def test_unterminated_event_is_not_dispatched():
 def test_many_events_in_one_chunk():
     stream = b"".join(encode(b"%d" % i) for i in range(100))
     assert decode_all(stream) == [("message", b"%d" % i) for i in range(100)]
+
+
+# --- decoder: each feed() returns the events its chunk completed, no later --------------
+
+
+@pytest.mark.parametrize("chunks, returned", [
+    ([b"data: a\r\r"], [[("message", b"a")]]),
+    ([b"data: a\n\n"], [[("message", b"a")]]),
+    ([b"data: a\r\n\r"], [[("message", b"a")]]),  # the blank line's CR ends it; an LF may follow
+    ([b"data: a\r\rdata: b\r", b"\r"], [[("message", b"a")], [("message", b"b")]]),
+    ([b"data: a\r", b"\r", b"\n", b"data: b\n", b"\n"], [[], [("message", b"a")], [], [], [("message", b"b")]]),
+    ([b"data: a\n\ndata: b", b"\r\n\r\n"], [[("message", b"a")], [("message", b"b")]]),
+], ids=["CR", "LF", "CRLF-then-CR", "CR-split", "CR-then-LF-alone", "CRLF-split"])
+def test_each_feed_returns_the_events_its_chunk_completed(chunks, returned):
+    decoder = SSEDecoder()
+    assert [decoder.feed(chunk) for chunk in chunks] == returned
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
+def test_one_byte_at_a_time_each_event_comes_with_the_byte_that_ends_it(eol):
+    first = b"data: a" + eol
+    stream = first + eol + b"data: b" + eol + eol
+    decoder = SSEDecoder()
+    results = [decoder.feed(stream[i:i + 1]) for i in range(len(stream))]
+    second = len(first + eol + b"data: b" + eol)  # the offset of the second blank line
+    assert {i: r for i, r in enumerate(results) if r} == {
+        len(first): [("message", b"a")], second: [("message", b"b")]}

@@ -235,6 +235,16 @@ async def test_env_token_without_exp_or_credentials_is_trusted_until_rejected(ma
     assert fake.calls == 0
 
 
+async def test_env_token_without_exp_but_with_credentials_is_replaced_after_cache_time(make, clock):
+    fake = FakeLogin()
+    manager = make(fake, env_token="env-token-no-exp", cache_time=100.0)
+    clock.now += 99.0
+    assert await manager.get_token() == "env-token-no-exp"
+    clock.now += 2.0  # past TOKEN_CACHE_TIME: credentials can replace it, so it is not trusted on
+    assert await asyncio.wait_for(manager.get_token(), 1.0) == fake.issued[0]
+    assert fake.calls == 1 and manager.info()["token_source"] == "login"
+
+
 async def test_a_request_waits_a_bounded_time_for_a_slow_login(make, monkeypatch):
     monkeypatch.setattr(tokens, "LOGIN_WAIT", 0.05)
     fake = FakeLogin()
