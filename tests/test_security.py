@@ -58,6 +58,21 @@ async def test_wrong_key_on_a_30mb_http2_upload_is_401_before_any_body_byte(prox
     assert not fake.completions
 
 
+async def test_messages_route_is_judged_at_the_head_in_anthropic_shape(proxy, fake):
+    reader, writer = await _open(proxy)
+    try:
+        writer.write(f"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: sk-wrong-41c7\r\n"
+                     f"content-type: application/json\r\ncontent-length: {UPLOAD}\r\n\r\n".encode())
+        _, status, _, body = await read_response(reader)
+    finally:
+        writer.close()
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        ok = await client.post(f"{proxy.url}/v1/messages/count_tokens", headers={"x-api-key": CLIENT_KEY},
+                               json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 401 and json.loads(body)["type"] == "error" and b"sk-wrong-41c7" not in body
+    assert ok.status_code == 200 and not fake.completions
+
+
 async def test_unknown_path_is_404_before_the_key_and_405_lists_allow(proxy):
     async with httpx.AsyncClient(timeout=WAIT) as client:
         missing = await client.get(f"{proxy.url}/v2/nothing")
