@@ -4,7 +4,8 @@ Starts tests/fake_samba.py and sambaproxy.py as subprocesses on free 127.0.0.1 p
 attack of tests/attack_clients.py for a few seconds (about a minute in all), and prints one row
 per attack: requests tried, the proxy's RSS before/peak/after (VmRSS of /proc/PID/status, in MiB),
 its open fds after (/proc/PID/fd), the upstream requests it caused (the fake's counter), and
-whether /info answered within 100 ms while the attack ran ("ok/probes") and after it. The note
+whether /info answered within 100 ms while the attack ran ("in time/probes", the slowest, and
+probes with no answer within 1 s) and after it. The note
 says what the server did. Nothing is assumed: a limit that is not built shows as a bad row.
 The proxy runs with MAX_CONNECTIONS=64 and HEADER_TIMEOUT=3 so those limits show within the run;
 the CORS row uses a second proxy without LOCAL_API_KEY (the case the CORS default protects).
@@ -129,10 +130,12 @@ def probe_text(latency: float | None) -> str:
 
 
 def during_text(probes: list[float | None]) -> str:
+    """'in time/probes', the slowest answer, and how many got none within a second."""
     ok = [p for p in probes if p is not None and p <= PROBE_BUDGET]
     worst = max((p for p in probes if p is not None), default=None)
-    tail = f" max {worst * 1000:.0f}ms" if worst is not None else ""
-    return f"{len(ok)}/{len(probes)}{tail}"
+    text = f"{len(ok)}/{len(probes)}" + (f" max {worst * 1000:.0f}ms" if worst is not None else "")
+    unanswered = probes.count(None)
+    return text + (f", {unanswered} unanswered" if unanswered else "")
 
 
 HEADERS = ("attack", "tried", "RSS before", "peak", "after", "fds after", "upstream reqs",

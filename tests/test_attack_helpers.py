@@ -36,6 +36,6 @@ def test_table_and_texts():
     table = format_table([row]).splitlines()
     assert table[0].startswith("attack") and set(table[1]) == {"-"}
     assert "40.2" in table[2] and "gone" in table[2] and table[2].endswith("kept")
-    assert row.during == "1/3 max 500ms" and row.after_probe == "yes 4ms"
+    assert row.during == "1/3 max 500ms, 1 unanswered" and row.after_probe == "yes 4ms"
     assert probe_text(None) == "no answer" and probe_text(0.2) == "slow 200ms"
     assert counts(["401", "401", "reset"]) == "401 x2, reset x1"
