@@ -230,7 +230,8 @@ class App:
     async def _dispatch(self, request: Request, responder: Responder) -> None:
         if request.method == "OPTIONS":
             return await self._preflight(request, responder)
-        handler = (self._methods(request.path) or {}).get("GET" if request.method == "HEAD" else request.method)
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = (self._methods(request.path) or {}).get(method)
         if handler is None:  # admit() answers these; only a server built without it gets here
             raise _not_found(request.path)
         await handler(request, responder)
@@ -348,7 +349,8 @@ class App:
         HTTP/1.1 connection reusable; one that lingers (or drops) is closed after DONE_GRACE
         seconds without waiting for EOF. The client has its whole answer already.
         """
-        closer = asyncio.get_running_loop().call_later(DONE_GRACE, lambda: self.spawn(stop_upstream(response)))
+        loop = asyncio.get_running_loop()
+        closer = loop.call_later(DONE_GRACE, lambda: self.spawn(stop_upstream(response)))
         try:
             async for _ in chunks:
                 pass

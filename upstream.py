@@ -199,7 +199,7 @@ class _Attempt:
             self.stream_id = info.get("stream_id")
         elif name.endswith(".receive_response_headers.started"):
             self.waiting = True
-        if self.departure.gone and name.endswith(".started") and not name.endswith(".response_closed.started"):
+        if self.departure.gone and name.endswith(".started") and not name.endswith("response_closed.started"):
             if self.stream_id is not None and name != "http2.send_request_headers.started":
                 connection, request = self._connection()  # the stream is open upstream: reset it
                 if isinstance(connection, httpcore.AsyncHTTP2Connection):
@@ -235,8 +235,8 @@ class _Attempt:
             request = getattr(pool_request, "request", None)
             if getattr(request, "extensions", None) is self.extensions:
                 connection = getattr(getattr(pool_request, "connection", None), "_connection", None)
-                if isinstance(connection, httpcore.AsyncHTTP11Connection) and hasattr(connection, "_network_stream"):
-                    return connection, request
+                if isinstance(connection, httpcore.AsyncHTTP11Connection):
+                    return (connection, request) if hasattr(connection, "_network_stream") else (None, None)
                 if isinstance(connection, httpcore.AsyncHTTP2Connection) and _has_h2_state(connection):
                     return connection, request
                 return None, None

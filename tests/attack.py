@@ -200,7 +200,8 @@ def proxy_env(fake: str, **settings: str) -> dict[str, str]:
                   "SAMBA_MODELS_URL": f"{fake}/v1/models", "UPSTREAM_READ_TIMEOUT": "60"} | settings
 
 
-def start_proxy(children: Children, name: str, fake: str, **settings: str) -> tuple[subprocess.Popen, int, Path]:
+def start_proxy(children: Children, name: str, fake: str, **settings: str):
+    """A proxy wired to the fake, logged in: (process, port, log path)."""
     proc, log = children.spawn(name, [PY, str(ROOT / "sambaproxy.py")], proxy_env(fake, **settings))
     port = int(children.wait_for(proc, log, rb"listening on http://[\d.]+:(\d+)")[1])
     children.wait_for(proc, log, rb"logged in to SambaNova")
