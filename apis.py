@@ -27,6 +27,7 @@ from responses import (ResponseStore, ResponseStream, input_messages, output_mes
 from responses import chat_body as responses_chat_body
 from responses import encode_event as responses_event
 from sse import KEEPALIVE, ChunkReader, SSEDecoder, UpstreamStreamError, dumps
+from reasoning import ChunkSplit, starts_thinking
 from upstream import Departure, stop_upstream
 
 log = logging.getLogger("sambaproxy.apis")
@@ -52,14 +53,16 @@ async def chat_chunks(app, body: dict, responder: Responder,
     when the client has gone; its upstream answer is closed, its reader never cancelled.
     Consume it with contextlib.aclosing so an early exit closes the upstream answer at once.
     """
-    # Request-side transforms shared with chat completions (model aliases) apply to `body`
-    # before this line; chunk-side ones (the reasoning split) where chunks are yielded below.
+    # As for chat completions: the model name resolved (aliases, case), the reasoning split
+    # (REASONING_FORMAT) applied to every chunk, so thinking arrives as reasoning_content.
+    model = app.resolve_model(body.get("model") or app.config.default_model)
+    split = ChunkSplit(app.config.reasoning_format, starts_thinking(model, app.config.reasoning_models))
     # As in chat_completions: the departure hook comes before upstream is opened, then stops
     # the upstream answer; the reading task is never cancelled (a cancelled write breaks the
     # shared HTTP/2 connection).
     departure = Departure()
     responder.on_gone(departure.left)
-    response = await app.upstream.open(body, departure)
+    response = await app.upstream.open({**body, "model": model}, departure)
     departure.stop_with(lambda: app.spawn(stop_upstream(response)))
     reader = ChunkReader()
     decoder = SSEDecoder()
@@ -75,7 +78,9 @@ async def chat_chunks(app, body: dict, responder: Responder,
                     chunk = reader.chunk(event, data)
                     if chunk is not None:
                         began = True
-                        yield chunk
+                        yield split.transform(chunk)
+                if reader.done and (tail := split.finish()):
+                    yield {"choices": tail}  # text held back as a possible tag, after all
                 if reader.done or responder.gone:
                     return  # [DONE] completes the answer, whatever the connection does next
             failure = incomplete_failure()

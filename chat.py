@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import secrets
 
+from reasoning import FORMATS as REASONING_FORMATS
+
 
 class RequestError(Exception):
     """A client body the proxy refuses with 400 invalid_request_error."""
@@ -37,7 +39,21 @@ def parse_chat_request(raw: bytes) -> dict:
     _check_type(body, "model", str, "a string")
     _check_type(body, "stream", bool, "a boolean")
     _check_type(body, "stream_options", dict, "an object")
+    _check_reasoning_format(body)
     return body
+
+
+def _check_reasoning_format(body: dict) -> None:
+    """Refuse a `reasoning_format` that is not one of the formats (null counts as absent)."""
+    value = body.get("reasoning_format")
+    if value is not None and value not in REASONING_FORMATS:
+        raise RequestError("Invalid value for 'reasoning_format': expected one of "
+                           + ", ".join(REASONING_FORMATS) + ".", "reasoning_format")
+
+
+def reasoning_format(body: dict, default: str) -> str:
+    """The request's reasoning format: its own `reasoning_format` field, else REASONING_FORMAT."""
+    return body.get("reasoning_format") or default
 
 
 def _check_message(i: int, message: object) -> None:
@@ -86,9 +102,11 @@ def wants_usage(body: dict) -> bool:
 def _upstream_body(body: dict, default_model: str) -> dict:
     """The client's body with streaming and usage forced on; every other parameter unchanged."""
     options = body.get("stream_options")
-    return {**body, "model": body.get("model") or default_model, "stream": True,
-            "stream_options": {**(options if isinstance(options, dict) else {}),
-                               "include_usage": True}}
+    inner = {**body, "model": body.get("model") or default_model, "stream": True,
+             "stream_options": {**(options if isinstance(options, dict) else {}),
+                                "include_usage": True}}
+    inner.pop("reasoning_format", None)  # the proxy's own parameter, unknown upstream
+    return inner
 
 
 def samba_payload(body: dict, *, default_model: str, fingerprint: str) -> dict:

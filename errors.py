@@ -96,3 +96,23 @@ def status_failure(status: int, detail: dict, retry_after: str | None, fallback:
                           code or "bad_gateway", retryable=status in RETRYABLE_STATUSES,
                           retry_after=retry_after)
     return ProxyError(status, message, detail.get("type") or "invalid_request_error", code)
+
+
+def model_not_found(name: str, closest: list[str]) -> ProxyError:
+    """A model name that the model list, known from upstream, does not hold."""
+    shown = name if len(name) <= 100 else name[:100] + "..."
+    hint = f" The closest known models: {', '.join(closest)}." if closest else ""
+    return ProxyError(404, f"The model '{shown}' does not exist.{hint}", "invalid_request_error",
+                      "model_not_found", param="model")
+
+
+def key_route_missing(path: str) -> ProxyError:
+    """An official-API endpoint asked for while no SAMBANOVA_API_KEY is set."""
+    return ProxyError(404, f"{path} needs SAMBANOVA_API_KEY: it is forwarded to SambaNova's "
+                      "official API only", "invalid_request_error", "not_found")
+
+
+def answer_too_large(limit: int) -> ProxyError:
+    """A non-streamed upstream answer larger than the proxy will hold."""
+    return ProxyError(502, f"SambaNova's answer is larger than {limit} bytes", "upstream_error",
+                      "upstream_answer_too_large")

@@ -24,10 +24,12 @@ from apis import ApiRoutes, error_answer_body, presented_key
 from config import Config, ConfigError, load_config
 from cors import CorsPolicy, CorsResponder, preflight_fields
 from server import Rejection, Request, Responder, Server
-from chat import RequestError, parse_chat_request, wants_stream, wants_usage
+from chat import RequestError, parse_chat_request, reasoning_format, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
 from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, UpstreamStreamError,
                  dumps, error_frame)
+from passthrough import KeyEndpoints
+from reasoning import ChunkSplit, starts_thinking
 from tokens import TokenManager
 from upstream import (AccountRoute, ApiKeyRoute, Departure, ModelCatalog, Upstream, make_client,
                       stop_upstream)
@@ -123,6 +125,10 @@ class App:
         self.routes.update(self.apis.routes)
         self.prefix_routes = (("/v1/models/", {"GET": self.get_model}), ("/models/", {"GET": self.get_model}),
                               ("/v1/responses/", self.apis.stored_routes))
+        self.key_endpoints = KeyEndpoints(self.upstream, self.key_route, resolve_model=self.resolve_model,
+                                          relay_stream=self._relay_stream, spawn=self.spawn,
+                                          headers=[])  # CORS fields: CorsResponder
+        self.routes.update(self.key_endpoints.routes())
         self.open_routes = frozenset(("/info", "/"))
         self.cors = CorsPolicy(config.cors_origins, bool(self.keys))
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
@@ -132,8 +138,10 @@ class App:
     def _make_catalog(self) -> ModelCatalog:
         if self.key_route and not self.account_route:
             return ModelCatalog(self.client, self.config.sambanova_api_url + "/models",
-                                {"authorization": self.key_route.authorization})
-        return ModelCatalog(self.client, self.config.samba_models_url, {})
+                                {"authorization": self.key_route.authorization},
+                                aliases=self.config.model_aliases)
+        return ModelCatalog(self.client, self.config.samba_models_url, {},
+                            aliases=self.config.model_aliases)
 
     @property
     def port(self) -> int:
@@ -155,6 +163,8 @@ class App:
 
     async def aclose(self, grace: float = 5.0) -> None:
         await self.server.shutdown(grace)
+        if self._background:  # e.g. a model list refresh: let it end before its client closes
+            await asyncio.wait(self._background, timeout=grace)
         await self.tokens.aclose()
         await self.client.aclose()
 
@@ -255,12 +265,14 @@ class App:
         await responder.send(204, headers, b"")
 
     async def chat_completions(self, request: Request, responder: Responder) -> None:
-        """Validate, open upstream (with retries), then relay events or aggregate them."""
+        """Validate, resolve the model, open upstream (with retries), then relay events or aggregate them."""
         try:
             body = parse_chat_request(request.body)
         except RequestError as exc:
             raise ProxyError(400, exc.message, "invalid_request_error", "invalid_request",
                              param=exc.param) from None
+        asked = body.get("model") or self.config.default_model
+        model = self.resolve_model(asked)
         # The departure hook comes first: a client that leaves while upstream is being
         # opened stops the attempt in flight, and no further attempt starts. Then it stops
         # the upstream answer. The task awaiting upstream (this one) is never cancelled, as
@@ -268,22 +280,31 @@ class App:
         # request on it.
         departure = Departure()
         responder.on_gone(departure.left)
-        response = await self.upstream.open(body, departure)
+        response = await self.upstream.open({**body, "model": model}, departure)
         departure.stop_with(lambda: self.spawn(stop_upstream(response)))
         try:
             if departure.gone:
                 return
+            split_format = reasoning_format(body, self.config.reasoning_format)
+            implicit = starts_thinking(model, self.config.reasoning_models)
             if wants_stream(body):
-                await self._relay_stream(response, responder, wants_usage(body))
+                relay = StreamRelay(wants_usage(body), model=asked, split=ChunkSplit(split_format, implicit))
+                await self._relay_stream(response, responder, relay)
             else:
-                await self._relay_whole(response, responder, body.get("model") or self.config.default_model)
+                aggregator = CompletionAggregator(asked, reasoning=split_format, implicit=implicit)
+                await self._relay_whole(response, responder, aggregator)
         finally:
             await response.aclose()
 
+    def resolve_model(self, name: str) -> str:
+        """The upstream id for a client's model name; a stale model list is refreshed in the background."""
+        if self.catalog.needs_refresh():
+            self.spawn(self.catalog.models())
+        return self.catalog.resolve(name)
+
     async def _relay_stream(self, response: httpx.Response, responder: Responder,
-                            include_usage: bool) -> None:
+                            relay: StreamRelay) -> None:
         """Forward each upstream event as it arrives; end with [DONE] or one error event."""
-        relay = StreamRelay(include_usage)
         decoder = SSEDecoder()
         await responder.start(200, SSE_HEADERS)
         keepalive = KeepAlive(responder, self.config.sse_keepalive)
@@ -316,9 +337,9 @@ class App:
         if relay.complete:
             await self._finish_upstream(response, chunks)
 
-    async def _relay_whole(self, response: httpx.Response, responder: Responder, model: str) -> None:
+    async def _relay_whole(self, response: httpx.Response, responder: Responder,
+                           aggregator: CompletionAggregator) -> None:
         """Aggregate the upstream events into one chat.completion object."""
-        aggregator = CompletionAggregator(model)
         decoder = SSEDecoder()
         chunks = response.aiter_bytes()
         try:
@@ -365,9 +386,12 @@ class App:
 
     async def get_model(self, request: Request, responder: Responder) -> None:
         model_id = urllib.parse.unquote(request.path.split("/models/", 1)[1])
-        for model in await self.catalog.models():
-            if model["id"] == model_id:
-                return await responder.send(200, JSON_HEADERS, dumps(model))
+        models = await self.catalog.models()
+        lowered = model_id.lower()
+        model = (next((m for m in models if m["id"] == model_id), None)
+                 or next((m for m in models if m["id"].lower() == lowered), None))
+        if model is not None:
+            return await responder.send(200, JSON_HEADERS, dumps(model))
         raise ProxyError(404, f"The model '{model_id}' does not exist", "invalid_request_error",
                          "model_not_found", param="model")
 

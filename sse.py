@@ -12,6 +12,8 @@ import re
 import secrets
 import time
 
+from reasoning import split_message
+
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
@@ -26,6 +28,11 @@ _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encod
 def dumps(obj: object) -> bytes:
     """Compact UTF-8 JSON, used only when a chunk had to change."""
     return _encode_json(obj).encode()
+
+
+def _key_value(key: bytes, value: object) -> bytes:
+    """The compact bytes of one JSON member, as the relay looks for it in upstream chunks."""
+    return key + _encode_json(value).encode()
 
 
 def encode(data: bytes) -> bytes:
@@ -190,6 +197,8 @@ def _load_chunk(event: str, data: bytes) -> dict | None:
 
 
 _CREATED_KEY = b'"created":'
+_CONTENT_KEY = b'"content":"'
+_THINKING_KEYS = b'"content":"","reasoning_content":"'
 _CREATED_VALUE = re.compile(rb"(-?\d+)(\.\d*)?(?=[,}])")
 
 
@@ -208,7 +217,7 @@ def _plain_chunk_frame(data: bytes) -> bytes | None:
         return None  # a real usage object: the usage rules need the full parse
     key = data.find(_CREATED_KEY)
     if key < 0:
-        return encode(data)
+        return None  # the full parse gives it one
     start = key + len(_CREATED_KEY)
     value = _CREATED_VALUE.match(data, start)
     if value is None or data.find(_CREATED_KEY, start) >= 0:
@@ -216,6 +225,32 @@ def _plain_chunk_frame(data: bytes) -> bytes | None:
     if value.group(2) is not None:
         data = data[:start] + value.group(1) + data[value.end():]
     return encode(data)
+
+
+def _swap(data: bytes, old: bytes, new: bytes | None) -> bytes | None:
+    """`data` with its first `old` replaced by `new` (None: kept); None when `old` is absent."""
+    if new is None:
+        return data if old in data else None
+    fixed = data.replace(old, new, 1)  # one pass; a changed length tells it was found
+    if len(new) != len(old):
+        return fixed if len(fixed) != len(data) else None
+    return fixed if old in data else None
+
+
+def _thinking_chunk(data: bytes, format: str) -> bytes | None:
+    """A chunk inside <think> as bytes: content moved to reasoning_content (parsed) or emptied (hidden).
+
+    Only when no `<` appears, not even escaped, so no tag can begin in this content.
+    """
+    if b"<" in data or b"\\u003" in data or b'"reasoning' in data or data.count(_CONTENT_KEY) != 1:
+        return None
+    if format == "parsed":
+        return data.replace(_CONTENT_KEY, _THINKING_KEYS, 1)
+    start = data.find(_CONTENT_KEY) + len(_CONTENT_KEY)
+    end = data.find(b'"', start)
+    if end < 0 or data.find(b"\\", start, end) >= 0:
+        return None  # an escape inside: the string's end is not the next quote
+    return data[:start] + data[end:]
 
 
 class _ChunkReader:
@@ -273,22 +308,42 @@ class ChunkReader(_ChunkReader):
 
 
 class StreamRelay(_ChunkReader):
-    """Turns upstream chunk events into client frames, re-encoding only chunks that must change."""
+    """Turns upstream chunk events into client frames, re-encoding only chunks that must change.
 
-    __slots__ = ("include_usage", "last")
+    Every chunk leaves in OpenAI's shape: an `id` starting with `id_prefix`, an int
+    `created`, the `model` the client asked for (when given) and `object`; a ChunkSplit
+    (reasoning.py) applies the reasoning format. The first chunk is parsed; once its id
+    and model are known, ordinary chunks are checked and fixed as bytes (_fast_frame).
+    """
 
-    def __init__(self, include_usage: bool) -> None:
+    __slots__ = ("include_usage", "model", "split", "object", "id_prefix", "last", "_id", "_created",
+                 "_upstream_model", "_id_bytes", "_id_to", "_model_bytes", "_model_to", "_object_bytes")
+
+    def __init__(self, include_usage: bool, *, model: str | None = None, split=None,
+                 object: str = "chat.completion.chunk", id_prefix: str = "chatcmpl-") -> None:
         self.include_usage = include_usage
+        self.model = model    # the name the client asked for; None keeps upstream's
+        self.split = split    # a reasoning.ChunkSplit, or None
+        self.object = object
+        self.id_prefix = id_prefix
         self.done = False   # upstream sent [DONE]
         self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
         self.complete = False  # [DONE] or the usage chunk arrived: the answer is whole
         self.last: bytes | None = None  # the last event's data, judged only if upstream stops early
+        self._id: str | None = None             # the id chunks leave with
+        self._created: int | None = None
+        self._upstream_model: str | None = None
+        self._id_bytes: bytes | None = None     # `"id":"<upstream id>"`, once learned
+        self._id_to: bytes | None = None        # its replacement, None when it needs none
+        self._model_bytes: bytes | None = None
+        self._model_to: bytes | None = None
+        self._object_bytes = _key_value(b'"object":', object)
 
     def relay(self, event: str, data: bytes) -> bytes | None:
         """The frame to send for one upstream event, or None when the client must not see it."""
         self.last = data
-        if event == "message" and not self.done:
-            frame = _plain_chunk_frame(data)
+        if event == "message" and not self.done and self._model_bytes is not None:
+            frame = self._fast_frame(data)
             if frame is not None:
                 return frame
         chunk = self._next_chunk(event, data)
@@ -305,15 +360,85 @@ class StreamRelay(_ChunkReader):
                 return None  # the usage-only chunk is for clients that asked for it
             del chunk["usage"]
             changed = True
-        if type(chunk.get("created")) is float:
-            # SambaNova sends a float; OpenAI's schema (and strict clients) want an int.
-            chunk["created"] = int(chunk["created"])
-            changed = True
+        changed |= self._shape(chunk)
+        if self.split is not None:
+            changed |= self.split.apply(chunk)
         return encode(dumps(chunk)) if changed else encode(data)
 
+    def _fast_frame(self, data: bytes) -> bytes | None:
+        """The frame of an ordinary chunk, judged and fixed as bytes; None when unsure."""
+        split = self.split
+        if split is not None:
+            if split.marker in data:
+                return None
+            if split.format != "raw" and data.count(b'"index":') != data.count(b'"index":0'):
+                return None  # a choice other than the first: its split state may differ
+            if not split.plain:
+                data = _thinking_chunk(data, split.format) if split.thinking else None
+                if data is None:
+                    return None
+        data = _swap(data, self._id_bytes, self._id_to)
+        if data is None:
+            return None
+        data = _swap(data, self._model_bytes, self._model_to)
+        if data is None or self._object_bytes not in data:
+            return None
+        return _plain_chunk_frame(data)
+
+    def _shape(self, chunk: dict) -> bool:
+        """Give a parsed chunk OpenAI's id, created, model and object; True if any changed."""
+        changed = False
+        upstream_id = chunk.get("id")
+        if type(upstream_id) is not str or not upstream_id:
+            chunk["id"] = self._id or (self.id_prefix or "cmpl-") + secrets.token_hex(12)
+            changed = True
+        elif not upstream_id.startswith(self.id_prefix):
+            chunk["id"] = self.id_prefix + upstream_id
+            changed = True
+        self._id = chunk["id"]
+        created = chunk.get("created")
+        if type(created) is float:
+            # SambaNova sends a float; OpenAI's schema (and strict clients) want an int.
+            chunk["created"] = int(created)
+            changed = True
+        elif type(created) is not int:
+            chunk["created"] = self._created or int(time.time())
+            changed = True
+        self._created = chunk["created"]
+        upstream_model = chunk.get("model")
+        if self.model is not None and upstream_model != self.model:
+            chunk["model"] = self.model
+            changed = True
+        if chunk.get("object") != self.object:
+            chunk["object"] = self.object
+            changed = True
+        self._learn(upstream_id, upstream_model)
+        return changed
+
+    def _learn(self, upstream_id: object, upstream_model: object) -> None:
+        """Remember the bytes of the upstream id and model, so later chunks can skip the parse."""
+        if type(upstream_id) is not str or not upstream_id or (
+                self.model is not None and type(upstream_model) is not str):
+            self._model_bytes = None  # nothing to recognise: every chunk takes the full parse
+            return
+        self._upstream_model = upstream_model if type(upstream_model) is str else None
+        self._id_bytes = _key_value(b'"id":', upstream_id)
+        self._id_to = None if upstream_id == self._id else _key_value(b'"id":', self._id)
+        if self.model is None:
+            self._model_bytes, self._model_to = b"", None
+        else:
+            self._model_bytes = _key_value(b'"model":', upstream_model)
+            self._model_to = None if upstream_model == self.model else _key_value(b'"model":', self.model)
+
     def finish(self) -> bytes:
-        """The one terminal frame of every stream."""
-        return DONE
+        """The terminal frames of every stream: text still held back by the split, then [DONE]."""
+        tail = self.split.finish() if self.split is not None else None
+        if not tail:
+            return DONE
+        chunk = {"id": self._id or self.id_prefix + secrets.token_hex(12), "object": self.object,
+                 "created": self._created or int(time.time()),
+                 "model": self.model or self._upstream_model or "", "choices": tail}
+        return encode(dumps(chunk)) + DONE
 
     def whole(self) -> bool:
         """Whether the client has its whole answer should upstream stop now: the answer is
@@ -402,11 +527,13 @@ class _ChoiceState:
 class CompletionAggregator(_ChunkReader):
     """Folds an upstream chunk stream into the one chat.completion a stream:false client gets."""
 
-    def __init__(self, model: str = "") -> None:
+    def __init__(self, model: str = "", *, reasoning: str | None = None, implicit: bool = False) -> None:
         self.done = False
         self.skipped = 0
         self.complete = False
-        self._default_model = model   # the requested model, used if no chunk names one
+        self._asked_model = model     # the name the client asked for; upstream's if empty
+        self._reasoning = reasoning   # a reasoning format (reasoning.py), or None to leave messages alone
+        self._implicit = implicit     # the model begins inside a thinking block (REASONING_MODELS)
         self._model: str | None = None
         self._id: str | None = None
         self._created: int | None = None
@@ -452,15 +579,19 @@ class CompletionAggregator(_ChunkReader):
     def result(self) -> dict:
         """The aggregated chat.completion object; usage is zeros if upstream sent none."""
         choices = sorted(self._choices.items()) or [(0, _ChoiceState())]
+        upstream_id = self._id or secrets.token_hex(12)
         completion: dict = {
-            "id": self._id or "chatcmpl-" + secrets.token_hex(12),
+            "id": upstream_id if upstream_id.startswith("chatcmpl-") else "chatcmpl-" + upstream_id,
             "object": "chat.completion",
             "created": self._created if self._created is not None else int(time.time()),
-            "model": self._model or self._default_model,
+            "model": self._asked_model or self._model or "",
         }
         if self._fingerprint is not None:
             completion["system_fingerprint"] = self._fingerprint
         completion["choices"] = [state.result(index) for index, state in choices]
+        if self._reasoning is not None:
+            for choice in completion["choices"]:
+                split_message(choice["message"], self._reasoning, self._implicit)
         completion["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
                                **(self._usage or {})}
         return completion

@@ -8,6 +8,7 @@ cookie, the key route to the official API with `Authorization: Bearer`.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import httpx
 from auth import USER_AGENT, parse_retry_after
 from config import Config
 from chat import api_payload, new_fingerprint, samba_payload
-from errors import ProxyError, request_failure, status_failure
+from errors import ProxyError, model_not_found, request_failure, status_failure
 from http_common import ClientGone
 from sse import dumps
 from tokens import TokenManager, TokenUnavailable
@@ -122,6 +123,7 @@ class ApiKeyRoute:
     name = "api_key"
 
     def __init__(self, base_url: str, api_key: str, default_model: str) -> None:
+        self.base_url = base_url
         self.url = base_url + "/chat/completions"
         self.authorization = f"Bearer {api_key}"
         self.default_model = default_model
@@ -266,7 +268,7 @@ class Upstream:
                              "service_unavailable", "no_credentials")
         for route in self.routes:
             try:
-                response = await self._open_route(route, body, departure)
+                response = await self._open_route(route, _chat_request(route, body), departure)
             except ProxyError as exc:
                 route.healthy = exc.status not in (502, 503, 504, 429)
                 if not exc.fallback or route is self.routes[-1]:
@@ -277,7 +279,15 @@ class Upstream:
             return response
         raise AssertionError("unreachable")
 
-    async def _open_route(self, route, body: dict, departure: Departure) -> httpx.Response:
+    async def open_on(self, route, build, departure: Departure) -> httpx.Response:
+        """Open one route's answer to a request made by `build(token) -> (url, headers, content)`.
+
+        The official API's other endpoints use it: the same retries, error mapping and
+        departure checks as chat completions, with no fallback to another route.
+        """
+        return await self._open_route(route, build, departure)
+
+    async def _open_route(self, route, build, departure: Departure) -> httpx.Response:
         attempt = 0
         auth_retried = False
         while True:
@@ -285,7 +295,7 @@ class Upstream:
                 raise ClientGone()
             token = await route.credential()
             try:
-                return await self._send_once(route, body, token, departure)
+                return await self._send_once(route, build, token, departure)
             except _Rejected:
                 if auth_retried:
                     raise ProxyError(502, "SambaNova rejected the credentials again after a "
@@ -306,12 +316,12 @@ class Upstream:
             self.retries += 1
             await asyncio.sleep(delay)
 
-    async def _send_once(self, route, body: dict, token: str, departure: Departure) -> httpx.Response:
+    async def _send_once(self, route, build, token: str, departure: Departure) -> httpx.Response:
         if departure.gone:  # a login or a retry delay may have taken a while
             raise ClientGone()
-        headers, content = route.request_parts(body, token)
+        url, headers, content = build(token)
         attempt = _Attempt(self.client, departure, self._stops)
-        request = self.client.build_request("POST", route.url, headers=headers, content=content,
+        request = self.client.build_request("POST", url, headers=headers, content=content,
                                             extensions={"trace": attempt.trace})
         attempt.extensions = request.extensions  # the dict httpcore gets (httpx adds the timeouts)
         departure.stop_with(attempt.stop)
@@ -336,6 +346,13 @@ class Upstream:
             return min(seconds, self.retry_after_cap)
         base = self.retry_delays[attempt]
         return base * (0.5 + random.random())
+
+
+def _chat_request(route, body: dict):
+    """The request builder of a chat completion on one route."""
+    def build(token: str) -> tuple[str, dict, bytes]:
+        return (route.url, *route.request_parts(body, token))
+    return build
 
 
 class _Rejected(Exception):
@@ -374,40 +391,77 @@ def _error_fields(raw: bytes) -> dict:
 
 
 class ModelCatalog:
-    """The upstream model list, cached; the last good list (or a built-in one) serves outages."""
+    """The upstream model list, cached; the last good list (or a built-in one) serves outages.
+
+    It also resolves the model names clients send: MODEL_ALIASES first, then the known
+    ids in any case; a name unknown to a fresh list from upstream is refused at once.
+    """
 
     def __init__(self, client: httpx.AsyncClient, url: str, headers: dict, *,
-                 ttl: float = 300.0, clock=time.monotonic) -> None:
+                 aliases: tuple[tuple[str, str], ...] = (), ttl: float = 300.0,
+                 clock=time.monotonic) -> None:
         self.client = client
         self.url = url
         self.headers = headers
         self.ttl = ttl
         self.clock = clock
         self.created = int(time.time())
+        self.aliases = aliases
+        self._alias_targets = {alias.lower(): target for alias, target in aliases}
         self._models: list[dict] | None = None
+        self._listing = self._with_aliases(self._builtin())  # what /v1/models shows
+        self._ids = {model_id.lower(): model_id for model_id in KNOWN_MODELS}  # lower case -> id
         self._fetched_at = float("-inf")
+        self._fresh_at = float("-inf")  # when a list last came from upstream
         self._lock = asyncio.Lock()
 
     async def models(self) -> list[dict]:
+        """The model list with the aliases, refreshed when older than the TTL."""
         if self.clock() - self._fetched_at < self.ttl and self._models is not None:
-            return self._models
+            return self._listing
         async with self._lock:
             if self.clock() - self._fetched_at >= self.ttl or self._models is None:
                 await self._refresh()
-        return self._models if self._models is not None else self._builtin()
+        return self._listing
+
+    def needs_refresh(self) -> bool:
+        """Whether the list is due for a (background) refresh and none is running."""
+        return self.clock() - self._fetched_at >= self.ttl and not self._lock.locked()
+
+    def resolve(self, name: str) -> str:
+        """The upstream id for a client's model name (from the list in hand, never fetched here).
+
+        An alias gives its target; a known id matches in any case; an unknown name goes
+        upstream as it is, unless the list is fresh from upstream: then 404 model_not_found.
+        """
+        target = self._alias_targets.get(name.lower())
+        if target is not None:
+            return self._ids.get(target.lower(), target)
+        known = self._ids.get(name.lower())
+        if known is not None:
+            return known
+        if self.clock() - self._fresh_at < self.ttl:
+            names = {**self._ids, **{alias.lower(): alias for alias, _ in self.aliases}}
+            # A client's name may be long: compare its start only, so the cost stays small.
+            closest = difflib.get_close_matches(name[:100].lower(), names, n=3, cutoff=0.0)
+            raise model_not_found(name, [names[match] for match in closest])
+        return name
 
     async def _refresh(self) -> None:
         try:
             response = await self.client.get(self.url, headers=self.headers)
             response.raise_for_status()
             entries = response.json()["data"]
-            self._models = [self._normalise(e) for e in entries if isinstance(e, dict) and e.get("id")]
+            models = [self._normalise(e) for e in entries if isinstance(e, dict) and e.get("id")]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             log.warning("model list unavailable (%s); serving the %s list", type(exc).__name__,
                         "last good" if self._models is not None else "built-in")
             self._fetched_at = self.clock() - self.ttl + min(self.ttl, 30.0)
             return
-        self._fetched_at = self.clock()
+        self._models = models
+        self._listing = self._with_aliases(models)
+        self._ids = {m["id"].lower(): m["id"] for m in models}
+        self._fetched_at = self._fresh_at = self.clock()
 
     def _normalise(self, entry: dict) -> dict:
         model = dict(entry)
@@ -417,6 +471,14 @@ class ModelCatalog:
         if not isinstance(model.get("created"), int):
             model["created"] = self.created
         return model
+
+    def _with_aliases(self, models: list[dict]) -> list[dict]:
+        """The list followed by one entry per alias: its target's, under the alias's name."""
+        by_id = {m["id"].lower(): m for m in models}
+        entries = [{**by_id.get(target.lower(), self._normalise({"id": target})), "id": alias,
+                    "root": by_id.get(target.lower(), {}).get("id", target)}
+                   for alias, target in self.aliases]
+        return models + entries
 
     def _builtin(self) -> list[dict]:
         return [self._normalise({"id": model_id}) for model_id in KNOWN_MODELS]

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import base64
 import collections
+import hashlib
 import http
 import inspect
 import json
@@ -59,11 +60,14 @@ MODELS = tuple(
      "max_completion_tokens": out, "pricing": {"prompt": prompt, "completion": completion}}
     for mid, owner, ctx, out, prompt, completion in (
         ("DeepSeek-R1", "deepseek-ai", 32768, 32768, "0.000005", "0.000007"),
+        ("DeepSeek-R1-0528", "deepseek-ai", 131072, 7168, "0.000005", "0.000007"),
         ("DeepSeek-V3-0324", "deepseek-ai", 32768, 32768, "0.000003", "0.0000045"),
         ("Meta-Llama-3.3-70B-Instruct", "meta-llama", 131072, 3072, "0.0000006", "0.0000012"),
         ("Meta-Llama-3.1-8B-Instruct", "meta-llama", 16384, 4096, "0.0000001", "0.0000002"),
         ("Llama-4-Maverick-17B-128E-Instruct", "meta-llama", 131072, 4096, "0.00000063",
-         "0.0000018")))
+         "0.0000018"),
+        ("E5-Mistral-7B-Instruct", "intfloat", 4096, 0, "0.00000013", "0"),
+        ("Whisper-Large-v3", "openai", 4096, 4096, "0.0000001", "0")))
 
 
 @dataclass
@@ -100,10 +104,20 @@ def _text_of(content) -> str:
     return ""
 
 
-def _echo(messages: list) -> str:
-    """The default answer, so tests can see their prompt went through."""
+def _echo(messages: list, model: str = "") -> str:
+    """The default answer, so tests can see their prompt went through.
+
+    DeepSeek-R1 thinks first, inside `<think>...</think>`, as SambaNova's does;
+    DeepSeek-R1-0528 writes only the closing tag, as R1-0528-style templates do.
+    """
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    return "Echo: " + (_text_of(users[-1].get("content")) if users else "")
+    prompt = _text_of(users[-1].get("content")) if users else ""
+    thought = f"The user wrote: {prompt}. I will echo it.\n</think>\n\n"
+    if model == "DeepSeek-R1":
+        return f"<think>\n{thought}Echo: {prompt}"
+    if model == "DeepSeek-R1-0528":
+        return f"{thought}Echo: {prompt}"
+    return "Echo: " + prompt
 
 
 def _usage(messages: list, completion_tokens: int) -> dict:
@@ -153,7 +167,7 @@ def stream_events(reply: Reply, model: str, messages: list) -> list[dict | str]:
     if reply.tool_calls:
         deltas, finish = _tool_call_deltas(_normalise_calls(reply.tool_calls)), "tool_calls"
     else:
-        text = reply.text if reply.text is not None else _echo(messages)
+        text = reply.text if reply.text is not None else _echo(messages, model)
         pieces = re.findall(r"\S+\s*|\s+", text) or [""]
         deltas, finish = [{"role": "assistant", "content": p} for p in pieces], "stop"
     if reply.reasoning:
@@ -174,7 +188,7 @@ def completion_object(reply: Reply, model: str, messages: list) -> dict:
     if reply.tool_calls:
         message.update(content=None, tool_calls=_normalise_calls(reply.tool_calls))
     else:
-        message["content"] = reply.text if reply.text is not None else _echo(messages)
+        message["content"] = reply.text if reply.text is not None else _echo(messages, model)
     tokens = len((message.get("content") or "x").split())
     return {"id": str(uuid.uuid4()), "object": "chat.completion", "created": int(time.time()),
             "model": model, "system_fingerprint": "fastcoe",
@@ -226,6 +240,31 @@ def _check_samba_payload(payload) -> str | None:
     return _check_chat_body(payload["body"], need_stream=True)
 
 
+def parse_form(body: bytes, content_type: str) -> dict[str, tuple[str | None, bytes]] | None:
+    """A multipart/form-data body (RFC 7578) as {name: (filename, content)}; None if malformed."""
+    found = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not content_type.startswith("multipart/form-data") or not found:
+        return None
+    delimiter = b"\r\n--" + found.group(1).encode()
+    pieces = (b"\r\n" + body).split(delimiter)
+    if len(pieces) < 3 or not pieces[-1].startswith(b"--"):
+        return None
+    fields = {}
+    for piece in pieces[1:-1]:
+        head, sep, content = piece.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        name = re.search(rb'; name="([^"]*)"', head)
+        if not sep or not name:
+            return None
+        filename = re.search(rb'; filename="([^"]*)"', head)
+        fields[name.group(1).decode()] = (filename and filename.group(1).decode(), content)
+    return fields
+
+
+def _vector(text: str) -> list[float]:
+    """A small deterministic embedding of a text."""
+    return [round(b / 255 - 0.5, 6) for b in hashlib.sha256(text.encode()).digest()[:8]]
+
+
 def auth0_error(error: str, description: str) -> dict:
     return {"error": error, "error_description": description}
 
@@ -267,6 +306,7 @@ class FakeSamba(FakeHTTPServer):
         self.chunks_sent = 0                  # SSE events written, over all streams
         self.models_requests = 0
         self.models_status: int | None = None
+        self.uploads: list[dict] = []         # multipart bodies received, byte for byte
         self._expiry: dict[str, float] = {}
         self._tickets: set[str] = set()
         self._codes: dict[str, tuple[str, str]] = {}
@@ -280,6 +320,10 @@ class FakeSamba(FakeHTTPServer):
             "/api/completion": ("POST", self._completion),
             "/v1/models": ("GET", self._models),
             "/v1/chat/completions": ("POST", self._official),
+            "/v1/embeddings": ("POST", self._embeddings),
+            "/v1/completions": ("POST", self._text_completion),
+            "/v1/audio/transcriptions": ("POST", self._audio),
+            "/v1/audio/translations": ("POST", self._audio),
             # Not SambaNova's: how another process (tests/attack.py) scripts and observes the fake.
             "/_fake/stats": ("GET", self._stats),
             "/_fake/script": ("POST", self._script_reply),
@@ -487,6 +531,77 @@ class FakeSamba(FakeHTTPServer):
         if problem:
             return await self._json(conn, 400, error_body(400, problem))
         await self._answer(conn, body["model"], body["messages"], body.get("stream", False))
+
+    # ------------------------------------------------------------ the official API's other endpoints
+
+    async def _key_refused(self, conn: Conn, req: Request) -> bool:
+        """Answer 401 without the API key, or a scripted error status; True if answered."""
+        if req.headers.get("authorization") != f"Bearer {self.api_key}":
+            await self._json(conn, 401, error_body(401, "Invalid API key"))
+            return True
+        if self.script and self.script[0].status != 200:
+            reply = self.script.popleft()
+            await conn.pause(reply.delay)
+            await self._json(conn, reply.status, error_body(reply.status), list(reply.headers.items()))
+            return True
+        return False
+
+    async def _embeddings(self, conn: Conn, req: Request) -> None:
+        body = req.json()
+        self._record(req, body)
+        if await self._key_refused(conn, req):
+            return
+        inputs = body.get("input") if isinstance(body, dict) else None
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(body.get("model"), str) or not isinstance(inputs, list) or not inputs \
+                or not all(isinstance(i, str) for i in inputs):
+            return await self._json(conn, 400, error_body(400, "'model' and 'input' are required"))
+        tokens = sum(len(i.split()) for i in inputs)
+        await self._json(conn, 200, {
+            "object": "list", "model": body["model"],
+            "data": [{"object": "embedding", "index": i, "embedding": _vector(text)}
+                     for i, text in enumerate(inputs)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _text_completion(self, conn: Conn, req: Request) -> None:
+        """Legacy completions: `prompt` in, `text_completion` objects out (events when streaming)."""
+        body = req.json()
+        self._record(req, body)
+        if await self._key_refused(conn, req):
+            return
+        if not isinstance(body.get("model"), str) or not isinstance(body.get("prompt"), str):
+            return await self._json(conn, 400, error_body(400, "'model' and 'prompt' are required"))
+        words = re.findall(r"\S+\s*", f"Completion of: {body['prompt']}")
+        usage = {"prompt_tokens": len(body["prompt"].split()), "completion_tokens": len(words),
+                 "total_tokens": len(body["prompt"].split()) + len(words), "total_latency": 0.1}
+        base = {"id": f"cmpl-{secrets.token_hex(8)}", "object": "text_completion",
+                "created": round(time.time(), 3), "model": body["model"]}
+        if body.get("stream") is not True:
+            choice = {"index": 0, "text": "".join(words), "finish_reason": "stop", "logprobs": None}
+            return await self._json(conn, 200, {**base, "created": int(time.time()),
+                                                "choices": [choice], "usage": usage})
+        events = [{**base, "choices": [{"index": 0, "text": w, "logprobs": None,
+                                        "finish_reason": "stop" if i == len(words) - 1 else None}]}
+                  for i, w in enumerate(words)]
+        await self._stream(conn, Reply(), [*events, {**base, "choices": [], "usage": usage}, DONE])
+
+    async def _audio(self, conn: Conn, req: Request) -> None:
+        """Transcriptions and translations: a multipart upload, kept byte for byte in `uploads`."""
+        content_type = req.headers.get("content-type", "")
+        self.uploads.append({"path": req.path, "content_type": content_type, "body": req.body})
+        self._record(req, None)
+        if await self._key_refused(conn, req):
+            return
+        form = parse_form(req.body, content_type)
+        if form is None or "file" not in form or "model" not in form:
+            return await self._json(conn, 400, error_body(400, "multipart 'file' and 'model' are required"))
+        audio = form["file"][1]
+        model = form["model"][1].decode()
+        kind = "translation" if req.path.endswith("translations") else "transcription"
+        text = f"{kind} of {len(audio)} bytes, sha256 {hashlib.sha256(audio).hexdigest()[:16]}, by {model}"
+        if form.get("response_format", (None, b"json"))[1] == b"text":
+            return await conn.respond(200, [("content-type", "text/plain; charset=utf-8")], text.encode())
+        await self._json(conn, 200, {"text": text})
 
     async def _answer(self, conn: Conn, model: str, messages: list, stream: bool) -> None:
         """Play the next scripted Reply, counting it open and noticing if its client leaves."""

@@ -37,7 +37,7 @@ def sent(frame: bytes) -> dict:
 
 def test_relay_forwards_unchanged_chunk_as_original_bytes(monkeypatch):
     # Spaces, key order and \u escapes would all change if the chunk were re-encoded.
-    data = (b'{"object": "chat.completion.chunk", "id": "x", "created": 1732700000, '
+    data = (b'{"object": "chat.completion.chunk", "id": "chatcmpl-x", "created": 1732700000, '
             b'"choices": [{"delta": {"content": "caf\\u00e9 \xe2\x9c\x93"}, "index": 0}]}')
     monkeypatch.setattr(sse, "dumps", lambda obj: pytest.fail("re-encoded an unchanged chunk"))
     frame = StreamRelay(include_usage=False).relay("message", data)
@@ -52,7 +52,7 @@ def test_relay_float_created_becomes_int():
     assert out == {**json.loads(data), "created": 1732700000}
 
 
-PLAIN = b'{"id":"c1","object":"chat.completion.chunk","created":%s,"model":"m","choices":[%s]}'
+PLAIN = b'{"id":"chatcmpl-c1","object":"chat.completion.chunk","created":%s,"model":"m","choices":[%s]}'
 TEXT_CHOICE = b'{"index":0,"delta":{"content":"say \\"created\\":2.5, \\"error\\""}}'
 
 
@@ -64,7 +64,9 @@ TEXT_CHOICE = b'{"index":0,"delta":{"content":"say \\"created\\":2.5, \\"error\\
     (PLAIN % (b"7.25", b'{"index":0,"delta":{},"x":{"created":3.5}}'), 7),  # nested key: full parse
 ])
 def test_relay_judges_plain_chunks_from_their_bytes_like_the_full_parse(data, created):
-    out = sent(StreamRelay(False).relay("message", data))
+    relay = StreamRelay(False)
+    relay.relay("message", PLAIN % (b"1", b""))  # the first chunk is parsed: its id and model are learned
+    out = sent(relay.relay("message", data))
     assert out == {**json.loads(data), "created": created} and type(out["created"]) is int
 
 
@@ -78,8 +80,10 @@ def test_relay_error_beside_a_choices_list_still_raises():
 @pytest.mark.parametrize("usage", [b"", b',"usage":null'])
 def test_relay_forwards_sambanova_chunks_without_parsing_them(monkeypatch, usage):
     data = (PLAIN % (b"1732700000.5", TEXT_CHOICE))[:-1] + usage + b"}"
+    relay = StreamRelay(False)
+    relay.relay("message", data)
     monkeypatch.setattr(sse.json, "loads", lambda raw: pytest.fail("parsed a plain chunk"))
-    frame = StreamRelay(False).relay("message", data)
+    frame = relay.relay("message", data)
     assert frame == b"data: " + data.replace(b"1732700000.5", b"1732700000") + b"\n\n"
 
 
@@ -139,7 +143,8 @@ def test_relay_multi_line_data_stays_one_event():
     stream = b'data: {"choices": [],\ndata:  "created": 5}\n\n'
     [(event, data)] = decode_all(stream)
     frame = StreamRelay(False).relay(event, data)
-    assert sent(frame) == {"choices": [], "created": 5}
+    out = sent(frame)
+    assert out["choices"] == [] and out["created"] == 5
 
 
 ERROR_CASES = [
@@ -461,6 +466,22 @@ def test_env_type(model, expected):
     assert env_type(model) == expected
     assert samba_payload({"model": model, "messages": []}, default_model="x",
                          fingerprint="f")["env_type"] == expected
+
+
+@pytest.mark.parametrize("value", ["parsed", "raw", "hidden", None])
+def test_reasoning_format_is_accepted_and_never_sent_upstream(value):
+    body = parse_chat_request(body_with(reasoning_format=value))
+    assert chat.reasoning_format(body, "raw") == (value or "raw")
+    assert "reasoning_format" not in api_payload(body, default_model="m")
+    assert "reasoning_format" not in samba_payload(body, default_model="m", fingerprint="f")["body"]
+    assert body["reasoning_format"] == value  # the client's body itself is left as it was
+
+
+@pytest.mark.parametrize("value", ["Parsed", "", 0, True, {"format": "raw"}])
+def test_reasoning_format_other_values_are_refused_naming_it(value):
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(body_with(reasoning_format=value))
+    assert info.value.param == "reasoning_format" and "parsed, raw, hidden" in info.value.message
 
 
 def test_new_fingerprint():
