@@ -157,6 +157,19 @@ async def test_with_a_key_every_origin_is_allowed_and_the_key_still_needed(proxy
     assert len(fake.completions) == 1
 
 
+async def test_every_route_answers_an_allowed_origin_with_its_cors_fields(fake, start_proxy):
+    app = await start_proxy(fake, LOCAL_API_KEY="", SAMBANOVA_API_KEY="fake-api-key")
+    origin = {"origin": "http://localhost:5173"}
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        answers = [await client.post(f"{app.url}/v1/embeddings", headers=origin,
+                                     json={"model": "E5-Mistral-7B-Instruct", "input": "hi"}),
+                   await client.post(f"{app.url}/v1/responses", headers=origin, json={"model": HELLO["model"], "input": "hi"}),
+                   await client.get(f"{app.url}/v1/models/nope", headers=origin),
+                   await client.get(f"{app.url}/", headers=origin)]
+    assert [r.status_code for r in answers] == [200, 200, 404, 200]
+    assert all(r.headers["access-control-allow-origin"] == "http://localhost:5173" for r in answers)
+
+
 async def test_configured_origins_replace_the_default(fake, start_proxy):
     app = await start_proxy(fake, CORS_ORIGINS="https://app.example, http://localhost:3000")
     async with httpx.AsyncClient(timeout=WAIT) as client:
