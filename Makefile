@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_FAKE_PORT ?= 8123
 
-.PHONY: run demo test bench bench-quick pyz docker-check clean
+.PHONY: run demo test bench bench-quick pyz attack docker-check clean
 
 run: $(VENV)/.runtime
 	$(BIN)/python sambaproxy.py
@@ -28,6 +28,11 @@ bench-quick: $(VENV)/.dev $(VENV)/.bench
 # the packages installed in .venv (no network); runs on any CPython >= 3.11 (deploy/).
 pyz: $(VENV)/.runtime
 	$(BIN)/python deploy/build_pyz.py --output dist/sambaproxy.pyz
+
+# Hostile clients (tests/attack.py) against a local proxy and the fake, about a minute;
+# prints what each did to the proxy's memory, fds, upstream and /info. Not part of `make test`.
+attack: $(VENV)/.dev
+	$(BIN)/python tests/attack.py
 
 docker-check:
 	../shared/tools/docker/check.sh .

@@ -28,7 +28,7 @@ from responses import chat_body as responses_chat_body
 from responses import encode_event as responses_event
 from sse import KEEPALIVE, ChunkReader, SSEDecoder, UpstreamStreamError, dumps
 from reasoning import ChunkSplit, starts_thinking
-from upstream import stop_upstream
+from upstream import Departure, stop_upstream
 
 log = logging.getLogger("sambaproxy.apis")
 
@@ -57,15 +57,18 @@ async def chat_chunks(app, body: dict, responder: Responder,
     # (REASONING_FORMAT) applied to every chunk, so thinking arrives as reasoning_content.
     model = app.resolve_model(body.get("model") or app.config.default_model)
     split = ChunkSplit(app.config.reasoning_format, starts_thinking(model, app.config.reasoning_models))
-    response = await app.upstream.open({**body, "model": model}, lambda: responder.gone)
-    # As in chat_completions: a departed client stops its upstream answer; the reading
-    # task is never cancelled (a cancelled write breaks the shared HTTP/2 connection).
-    responder.on_gone(lambda: app.spawn(stop_upstream(response)))
+    # As in chat_completions: the departure hook comes before upstream is opened, then stops
+    # the upstream answer; the reading task is never cancelled (a cancelled write breaks the
+    # shared HTTP/2 connection).
+    departure = Departure()
+    responder.on_gone(departure.left)
+    response = await app.upstream.open({**body, "model": model}, departure)
+    departure.stop_with(lambda: app.spawn(stop_upstream(response)))
     reader = ChunkReader()
     decoder = SSEDecoder()
     began = False
     try:
-        if responder.gone:
+        if departure.gone:
             return
         if opened is not None:
             await opened()

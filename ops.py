@@ -61,13 +61,20 @@ class Operations:
 
     def finish(self, entry: AccessEntry, responder: Responder, counted: bool) -> None:
         """The request's one access line and, if counted, its metrics."""
-        entry.duration = time.perf_counter() - entry.started
-        entry.sent = responder.sent
         # 499 (as nginx logs it): the client left before any answer could start.
-        entry.status = responder.status or (500 if entry.end == "error" else 499)
+        status = responder.status or (500 if entry.end == "error" else 499)
         if responder.gone and not responder.ended and entry.end == "done":
             entry.end = "client_gone"
-        if entry.status == 401 or entry.end == "upstream_error":
+        self._close(entry, status, responder.sent, counted)
+
+    def rejected(self, entry: AccessEntry, status: int, sent: int, counted: bool) -> None:
+        """The access line and metrics of a request answered from its head alone (App.admit)."""
+        self._close(entry, status, sent, counted)
+
+    def _close(self, entry: AccessEntry, status: int, sent: int, counted: bool) -> None:
+        entry.duration = time.perf_counter() - entry.started
+        entry.status, entry.sent = status, sent
+        if status == 401 or entry.end == "upstream_error":
             log_access(logging.WARNING, entry)
         else:
             log_access(logging.INFO if counted else logging.DEBUG, entry)

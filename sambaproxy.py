@@ -25,10 +25,11 @@ from accesslog import configure_logging as _configure_logging
 from apis import ApiRoutes, error_answer_body, presented_key
 from auth import login_client
 from config import Config, ConfigError, load_config
+from cors import CorsPolicy, CorsResponder, preflight_fields
 from ops import QUIET_ROUTES, Operations
 from resources import outbound_ssl_context, read_resource
 from sd_notify import notify
-from server import ClientGone, Request, Responder, Server
+from server import ClientGone, Rejection, Request, Responder, Server
 from chat import RequestError, parse_chat_request, reasoning_format, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
 from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, UpstreamStreamError,
@@ -36,17 +37,17 @@ from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, Upstr
 from passthrough import KeyEndpoints
 from reasoning import ChunkSplit, starts_thinking
 from tokens import TokenManager
-from upstream import AccountRoute, ApiKeyRoute, ModelCatalog, Upstream, make_client, stop_upstream
+from upstream import (AccountRoute, ApiKeyRoute, Departure, ModelCatalog, Upstream, make_client,
+                      stop_upstream)
 
 __version__ = "0.1.0"
 
 log = logging.getLogger("sambaproxy")
 
-CORS_ORIGIN = ("access-control-allow-origin", "*")
-JSON_HEADERS = [("content-type", "application/json"), CORS_ORIGIN]
+JSON_HEADERS = [("content-type", "application/json")]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
-               ("cache-control", "no-cache"), ("x-accel-buffering", "no"), CORS_ORIGIN]
-PREFLIGHT_ALLOW = "authorization, content-type"
+               ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
+DONE_GRACE = 0.25  # seconds a complete answer's upstream has to end its body before it is closed
 
 
 class KeepAlive:
@@ -123,20 +124,24 @@ class App:
             "/models": {"GET": self.list_models},
             "/info": {"GET": self.info},
             "/": {"GET": self.page},
-            "/debug/token": {"GET": self.debug_token},
         }
+        if config.debug_endpoints:
+            self.routes["/debug/token"] = {"GET": self.debug_token}
         self.apis = ApiRoutes(self, KeepAlive, JSON_HEADERS, SSE_HEADERS)
         self.routes.update(self.apis.routes)
+        self.prefix_routes = (("/v1/models/", {"GET": self.get_model}), ("/models/", {"GET": self.get_model}),
+                              ("/v1/responses/", self.apis.stored_routes))
         self.key_endpoints = KeyEndpoints(self.upstream, self.key_route, resolve_model=self.resolve_model,
                                           relay_stream=self._relay_stream, spawn=self.spawn,
-                                          headers=[CORS_ORIGIN])
+                                          headers=[])  # CORS fields: CorsResponder
         self.routes.update(self.key_endpoints.routes())
         self.ops = Operations(self, __version__)
         self.routes.update(self.ops.routes())
         self.upstream.note = self.ops.note_attempt  # every upstream attempt, whoever opens it
         self.open_routes = frozenset(("/info", "/", *self.ops.open_routes(config.metrics_public)))
+        self.cors = CorsPolicy(config.cors_origins, bool(self.keys))
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
-                             ssl_context=_ssl_context(config), error_body=error_body)
+                             ssl_context=_ssl_context(config), error_body=error_body, admit=self.admit)
         self._background: set[asyncio.Task] = set()
         self.request_ids = RequestIds()
 
@@ -161,6 +166,7 @@ class App:
             log.warning("LOCAL_API_KEY is not set: any client can use this proxy")
         if not self.upstream.routes:
             log.warning("no SambaNova credentials: chat completions will answer 503")
+        log.info("browsers may call from: %s (CORS_ORIGINS)", self.cors.describe())
         scheme = "https" if self.config.tls_cert_file else "http"
         log.info("sambaproxy %s listening on %s://%s:%d", __version__, scheme,
                  self.config.host, self.port)
@@ -172,10 +178,73 @@ class App:
         await self.tokens.aclose()
         await self.client.aclose()
 
+    def admit(self, request: Request) -> Rejection | None:
+        """Judge a request by its head alone, before any body byte is read: origin, route, method, key.
+
+        A foreign Origin is refused before anything else (403); preflights go to the handler.
+        Called by the server for every request, so it stays a few dict lookups and one compare.
+        """
+        origin = request.headers.get("origin")
+        if origin is not None and not self.cors.allows(origin):
+            return self._rejection(request, ProxyError(
+                403, "this Origin is not allowed to use the proxy from a browser: see CORS_ORIGINS",
+                "invalid_request_error", "origin_not_allowed"))
+        if request.method == "OPTIONS":
+            return None
+        methods = self._methods(request.path)
+        if methods is None:
+            return self._rejection(request, _not_found(request.path))
+        if ("GET" if request.method == "HEAD" else request.method) not in methods:
+            # RFC 9110 §15.5.6: a 405 lists the methods the resource supports.
+            return self._rejection(request, ProxyError(
+                405, f"{request.method} is not allowed on {request.path}", "invalid_request_error",
+                "method_not_allowed"), [("allow", _allow(methods))])
+        if self.keys and request.path not in self.open_routes and not self._key_matches(request):
+            return self._rejection(request, _bad_key())
+        return None
+
+    def _methods(self, path: str) -> dict | None:
+        """The handlers of a path by method, or None for an unknown path."""
+        methods = self.routes.get(path)
+        if methods is None:
+            for prefix, handlers in self.prefix_routes:
+                if path.startswith(prefix):
+                    return handlers
+        return methods
+
+    def _key_matches(self, request: Request) -> bool:
+        """Check the client key in constant time against every configured key."""
+        given = presented_key(request)
+        given_bytes = (given or "").encode()
+        matched = False
+        for key in self.keys:
+            matched |= hmac.compare_digest(given_bytes, key)
+        return matched and given is not None
+
+    def _rejection(self, request: Request, exc: ProxyError,
+                   extra: list[tuple[str, str]] | None = None) -> Rejection:
+        """An OpenAI-shaped answer from the head alone, with its request id and access line."""
+        entry = self._entry(request)
+        headers = _error_headers(exc) + (extra or []) + [("x-request-id", entry.request_id)]
+        origin = request.headers.get("origin")
+        if origin is not None and exc.status != 403:
+            headers.extend(self.cors.answer_fields(origin))
+        body = b"" if request.method == "HEAD" else _error_answer(request.path, exc)
+        counted = request.path not in QUIET_ROUTES
+        self.counters.total += counted
+        self.counters.errors += counted
+        entry.end, entry.reason = "rejected", exc.message
+        self.ops.rejected(entry, exc.status, len(body), counted)
+        return Rejection(exc.status, headers, body)
+
+    def _entry(self, request: Request) -> AccessEntry:
+        """The access-log entry of a request, with the client's X-Request-ID or a new one."""
+        return AccessEntry(request.client, self.request_ids.pick(request.headers.get("x-request-id")),
+                           request.method, request.path, request.http_version, time.perf_counter())
+
     async def handle(self, request: Request, responder: Responder) -> None:
-        """Route one request and turn every failure into one OpenAI-shaped answer; log and count it."""
-        entry = AccessEntry(request.client, self.request_ids.pick(request.headers.get("x-request-id")),
-                            request.method, request.path, request.http_version, time.perf_counter())
+        """Serve one admitted request and turn every failure into one OpenAI-shaped answer; log and count it."""
+        entry = self._entry(request)
         responder.request_id = entry.request_id
         current_entry.set(entry)
         counted = request.path not in QUIET_ROUTES
@@ -183,14 +252,18 @@ class App:
         if counted:
             counters.total += 1
             counters.active += 1
+        answer = responder
+        origin = request.headers.get("origin")
+        if origin is not None:  # admit() let only allowed origins through
+            answer = CorsResponder(responder, self.cors.answer_fields(origin))
         try:
-            await self._dispatch(request, responder)
+            await self._dispatch(request, answer)
         except ProxyError as exc:
             counters.errors += counted
             entry.reason = exc.message
             if entry.upstream:
                 entry.end = "upstream_error"
-            await self._send_error(responder, exc, request.path)
+            await self._send_error(answer, exc, request.path)
         except ClientGone:
             entry.end = "client_gone"
             raise
@@ -204,54 +277,30 @@ class App:
             self.ops.finish(entry, responder, counted)
 
     async def _dispatch(self, request: Request, responder: Responder) -> None:
-        methods = self.routes.get(request.path)
-        if methods is None and request.path.startswith(("/v1/models/", "/models/")):
-            methods = {"GET": self.get_model}
-        elif methods is None and request.path.startswith("/v1/responses/"):
-            methods = self.apis.stored_routes
         if request.method == "OPTIONS":
             return await self._preflight(request, responder)
-        if methods is None:
-            raise ProxyError(404, f"no route for {request.path}", "invalid_request_error", "not_found")
-        handler = methods.get("GET" if request.method == "HEAD" else request.method)
-        if handler is None:
-            raise ProxyError(405, f"{request.method} is not allowed on {request.path}",
-                             "invalid_request_error", "method_not_allowed")
-        if request.path not in self.open_routes:
-            self._authenticate(request)
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = (self._methods(request.path) or {}).get(method)
+        if handler is None:  # admit() answers these; only a server built without it gets here
+            raise _not_found(request.path)
         await handler(request, responder)
-
-    def _authenticate(self, request: Request) -> None:
-        """Check the client key in constant time against every configured key."""
-        if not self.keys:
-            return
-        given = presented_key(request)
-        given_bytes = (given or "").encode()
-        matched = False
-        for key in self.keys:
-            matched |= hmac.compare_digest(given_bytes, key)
-        if not matched or given is None:
-            raise ProxyError(401, "missing or invalid API key: send Authorization: Bearer <LOCAL_API_KEY>",
-                             "invalid_request_error", "invalid_api_key")
 
     async def _send_error(self, responder: Responder, exc: ProxyError, path: str) -> None:
         if responder.started:
             log.warning("error after the response started: %s", exc.message)
             return
-        headers = list(JSON_HEADERS)
-        if exc.status == 401:
-            headers.append(("www-authenticate", "Bearer"))
-        if exc.retry_after:
-            headers.append(("retry-after", exc.retry_after))
-        body = error_answer_body(path, exc) or error_body(exc.status, exc.message, exc.type, exc.code,
-                                                          exc.param)
-        await responder.send(exc.status, headers, body)
+        await responder.send(exc.status, _error_headers(exc), _error_answer(path, exc))
 
     async def _preflight(self, request: Request, responder: Responder) -> None:
-        asked = request.headers.get("access-control-request-headers", "")
-        allowed = asked if asked and all(c.isalnum() or c in "-_, " for c in asked) else PREFLIGHT_ALLOW
-        headers = [CORS_ORIGIN, ("access-control-allow-methods", "GET, POST, OPTIONS"),
-                   ("access-control-allow-headers", allowed), ("access-control-max-age", "86400")]
+        """OPTIONS: the allowed methods (RFC 9110 §9.3.7); for a browser, the CORS preflight fields."""
+        methods = self._methods(request.path)
+        if methods is None:
+            methods = {m: None for handlers in (*self.routes.values(), *(h for _, h in self.prefix_routes))
+                       for m in handlers}
+        allow = _allow(methods)
+        headers = [("allow", allow)]
+        if "origin" in request.headers:
+            headers += preflight_fields(allow, request.headers.get("access-control-request-headers", ""))
         await responder.send(204, headers, b"")
 
     async def chat_completions(self, request: Request, responder: Responder) -> None:
@@ -266,13 +315,17 @@ class App:
         entry = current_entry.get()
         if entry is not None:
             entry.model, entry.stream, entry.upstream = asked, wants_stream(body), True
-        response = await self.upstream.open({**body, "model": model}, lambda: responder.gone)
-        # A departed client stops its upstream answer at once; the reading task
-        # (this one) is never cancelled, as a task cancelled mid-write over TLS
-        # breaks a shared HTTP/2 connection for every request on it.
-        responder.on_gone(lambda: self.spawn(stop_upstream(response)))
+        # The departure hook comes first: a client that leaves while upstream is being
+        # opened stops the attempt in flight, and no further attempt starts. Then it stops
+        # the upstream answer. The task awaiting upstream (this one) is never cancelled, as
+        # a task cancelled mid-write over TLS breaks a shared HTTP/2 connection for every
+        # request on it.
+        departure = Departure()
+        responder.on_gone(departure.left)
+        response = await self.upstream.open({**body, "model": model}, departure)
+        departure.stop_with(lambda: self.spawn(stop_upstream(response)))
         try:
-            if responder.gone:
+            if departure.gone:
                 return
             split_format = reasoning_format(body, self.config.reasoning_format)
             implicit = starts_thinking(model, self.config.reasoning_models)
@@ -309,8 +362,9 @@ class App:
         keepalive = KeepAlive(responder, self.config.sse_keepalive)
         frames: list[bytes] = []
         ttfb = None
+        chunks = response.aiter_bytes()
         try:
-            async for raw in response.aiter_bytes():
+            async for raw in chunks:
                 keepalive.touch()
                 for event, data in decoder.feed(raw):
                     if (frame := relay.relay(event, data)) is not None:
@@ -322,7 +376,9 @@ class App:
                         entry.ttfb = ttfb = time.perf_counter() - entry.started
                 if responder.gone:
                     return
-            if relay.done:
+                if relay.complete:  # whatever upstream does next cannot change the answer
+                    break
+            if relay.whole():
                 tail = relay.finish()
             else:
                 tail = self._stream_failed(entry, incomplete_failure().error())
@@ -332,11 +388,13 @@ class App:
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
-            tail = self._stream_failed(entry, _stream_failure(exc))
+            tail = relay.finish() if relay.whole() else self._stream_failed(entry, _stream_failure(exc))
         finally:
             keepalive.stop()
         await responder.write(tail)
         await responder.end()
+        if relay.complete:
+            await self._finish_upstream(response, chunks)
 
     @staticmethod
     def _stream_failed(entry: AccessEntry, error: dict) -> bytes:
@@ -349,25 +407,48 @@ class App:
         """Aggregate the upstream events into one chat.completion object."""
         entry = current_entry.get() or AccessEntry("", "", "", "", "", time.perf_counter())
         decoder = SSEDecoder()
+        chunks = response.aiter_bytes()
         try:
-            async for raw in response.aiter_bytes():
+            async for raw in chunks:
                 if entry.ttfb is None:
                     entry.ttfb = time.perf_counter() - entry.started
                 for event in decoder.feed(raw):
                     aggregator.add(*event)
                 if responder.gone:
                     return
+                if aggregator.complete:
+                    break
         except UpstreamStreamError as exc:
             raise stream_error_failure(exc.error) from None
         except httpx.HTTPError as exc:
             if responder.gone:
                 return
-            raise answer_failure(exc) from None
-        if not aggregator.done:
+            if not aggregator.whole():
+                raise answer_failure(exc) from None
+        if not aggregator.whole():
             raise incomplete_failure()
         result = aggregator.result()
         entry.note_usage(result.get("usage"))
         await responder.send(200, JSON_HEADERS, dumps(result))
+        if aggregator.complete:
+            await self._finish_upstream(response, chunks)
+
+    async def _finish_upstream(self, response: httpx.Response, chunks) -> None:
+        """Give a complete answer's upstream a moment to end its framing, then close it.
+
+        Upstream normally ends the body right after [DONE], and reading that end keeps an
+        HTTP/1.1 connection reusable; one that lingers (or drops) is closed after DONE_GRACE
+        seconds without waiting for EOF. The client has its whole answer already.
+        """
+        loop = asyncio.get_running_loop()
+        closer = loop.call_later(DONE_GRACE, lambda: self.spawn(stop_upstream(response)))
+        try:
+            async for _ in chunks:
+                pass
+        except (httpx.HTTPError, httpx.StreamError):
+            pass  # the answer was complete: what the connection does now is no one's error
+        finally:
+            closer.cancel()
 
     async def list_models(self, request: Request, responder: Responder) -> None:
         models = await self.catalog.models()
@@ -419,12 +500,10 @@ class App:
         return warnings
 
     async def page(self, request: Request, responder: Responder) -> None:
-        headers = [("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache"), CORS_ORIGIN]
+        headers = [("content-type", "text/html; charset=utf-8"), ("cache-control", "no-cache")]
         await responder.send(200, headers, self.status_page)
 
     async def debug_token(self, request: Request, responder: Responder) -> None:
-        if not self.config.debug_endpoints:
-            raise ProxyError(404, f"no route for {request.path}", "invalid_request_error", "not_found")
         await responder.send(200, JSON_HEADERS, dumps(self.tokens.debug_info()))
 
     def spawn(self, coro) -> None:
@@ -432,6 +511,38 @@ class App:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _not_found(path: str) -> ProxyError:
+    return ProxyError(404, f"no route for {path}", "invalid_request_error", "not_found")
+
+
+def _bad_key() -> ProxyError:
+    return ProxyError(401, "missing or invalid API key: send Authorization: Bearer <LOCAL_API_KEY>",
+                      "invalid_request_error", "invalid_api_key")
+
+
+def _allow(methods) -> str:
+    """The Allow field of a resource: its methods, HEAD wherever GET is, and OPTIONS."""
+    names = set(methods) | {"OPTIONS"}
+    if "GET" in names:
+        names.add("HEAD")
+    return ", ".join(sorted(names))
+
+
+def _error_answer(path: str, exc: ProxyError) -> bytes:
+    """An error body in the shape of the API the path belongs to (Anthropic's on Messages routes)."""
+    return error_answer_body(path, exc) or error_body(exc.status, exc.message, exc.type, exc.code, exc.param)
+
+
+def _error_headers(exc: ProxyError) -> list[tuple[str, str]]:
+    """The fields of an error answer: JSON, and the challenge or Retry-After it calls for."""
+    headers = list(JSON_HEADERS)
+    if exc.status == 401:
+        headers.append(("www-authenticate", "Bearer"))
+    if exc.retry_after:
+        headers.append(("retry-after", exc.retry_after))
+    return headers
 
 
 def _stream_failure(exc: httpx.HTTPError) -> dict:

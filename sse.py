@@ -254,22 +254,39 @@ def _thinking_chunk(data: bytes, format: str) -> bytes | None:
 
 
 class _ChunkReader:
-    """What relay and aggregation share: [DONE], events that are not JSON, error events."""
+    """What relay and aggregation share: [DONE], events that are not JSON, error events, the end.
 
-    __slots__ = ("done", "skipped")
+    An answer is `complete` once [DONE] or a usage object has arrived (upstream is always
+    asked for usage, and sends it last): nothing upstream does afterwards can change it.
+    """
+
+    __slots__ = ("done", "skipped", "complete")
 
     def _next_chunk(self, event: str, data: bytes) -> dict | None:
         """The chunk of one event, or None for [DONE] and for events the client must not see."""
         if data == _DONE_DATA or self.done:
-            self.done = True
+            self.done = self.complete = True
             return None
         chunk = _load_chunk(event, data)
         if chunk is None:
             if data.strip() == _DONE_DATA:  # "[DONE]" with stray spaces, off the fast path
-                self.done = True
+                self.done = self.complete = True
             else:
                 self.skipped += 1
+        elif isinstance(chunk.get("usage"), dict):
+            self.complete = True
         return chunk
+
+
+def _ends_a_choice(data: bytes | None) -> bool:
+    """Whether an event's chunk carries a finish_reason (parsed only when upstream stopped early)."""
+    try:
+        chunk = json.loads(data)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    choices = chunk.get("choices") if type(chunk) is dict else None
+    return type(choices) is list and any(type(c) is dict and c.get("finish_reason") is not None
+                                         for c in choices)
 
 
 class ChunkReader(_ChunkReader):
@@ -280,6 +297,7 @@ class ChunkReader(_ChunkReader):
     def __init__(self) -> None:
         self.done = False   # upstream sent [DONE]
         self.skipped = 0    # events dropped as not JSON objects
+        self.complete = False  # [DONE] or the usage chunk arrived: the answer is whole
 
     def chunk(self, event: str, data: bytes) -> dict | None:
         """The chunk of one event; raises UpstreamStreamError for an error event."""
@@ -298,7 +316,7 @@ class StreamRelay(_ChunkReader):
     and model are known, ordinary chunks are checked and fixed as bytes (_fast_frame).
     """
 
-    __slots__ = ("include_usage", "usage", "model", "split", "object", "id_prefix", "_id", "_created",
+    __slots__ = ("include_usage", "usage", "model", "split", "object", "id_prefix", "last", "_id", "_created",
                  "_upstream_model", "_id_bytes", "_id_to", "_model_bytes", "_model_to", "_object_bytes")
 
     def __init__(self, include_usage: bool, *, model: str | None = None, split=None,
@@ -311,6 +329,8 @@ class StreamRelay(_ChunkReader):
         self.id_prefix = id_prefix
         self.done = False   # upstream sent [DONE]
         self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
+        self.complete = False  # [DONE] or the usage chunk arrived: the answer is whole
+        self.last: bytes | None = None  # the last event's data, judged only if upstream stops early
         self._id: str | None = None             # the id chunks leave with
         self._created: int | None = None
         self._upstream_model: str | None = None
@@ -322,6 +342,7 @@ class StreamRelay(_ChunkReader):
 
     def relay(self, event: str, data: bytes) -> bytes | None:
         """The frame to send for one upstream event, or None when the client must not see it."""
+        self.last = data
         if event == "message" and not self.done and self._model_bytes is not None:
             frame = self._fast_frame(data)
             if frame is not None:
@@ -422,6 +443,11 @@ class StreamRelay(_ChunkReader):
                  "model": self.model or self._upstream_model or "", "choices": tail}
         return encode(dumps(chunk)) + DONE
 
+    def whole(self) -> bool:
+        """Whether the client has its whole answer should upstream stop now: the answer is
+        complete, or it asked for no usage and the last chunk had its finish_reason."""
+        return self.complete or (not self.include_usage and _ends_a_choice(self.last))
+
 
 # --- stream: false -----------------------------------------------------------------
 
@@ -507,6 +533,7 @@ class CompletionAggregator(_ChunkReader):
     def __init__(self, model: str = "", *, reasoning: str | None = None, implicit: bool = False) -> None:
         self.done = False
         self.skipped = 0
+        self.complete = False
         self._asked_model = model     # the name the client asked for; upstream's if empty
         self._reasoning = reasoning   # a reasoning format (reasoning.py), or None to leave messages alone
         self._implicit = implicit     # the model begins inside a thinking block (REASONING_MODELS)
@@ -531,6 +558,12 @@ class CompletionAggregator(_ChunkReader):
                     index = index if type(index) is int else 0
                     state = self._choices.get(index) or self._choices.setdefault(index, _ChoiceState())
                     state.add(choice)
+
+    def whole(self) -> bool:
+        """Whether the answer is whole should upstream stop now: complete, or every choice
+        has its finish_reason (usage then counts as zero, as when upstream sends none)."""
+        return self.complete or bool(self._choices) and all(
+            state.finish_reason is not None for state in self._choices.values())
 
     def _add_meta(self, chunk: dict) -> None:
         """Keep the completion-level fields: the first id/model/created, the last usage."""

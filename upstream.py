@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import socket
 import ssl
 import time
 
@@ -26,6 +27,7 @@ from auth import USER_AGENT, parse_retry_after
 from config import Config
 from chat import api_payload, new_fingerprint, samba_payload
 from errors import ProxyError, model_not_found, request_failure, status_failure
+from http_common import ClientGone
 from sse import dumps
 from tokens import TokenManager, TokenUnavailable
 
@@ -146,6 +148,109 @@ def _no_note(route: str, outcome: str) -> None:
     """The default attempt listener: nobody listens."""
 
 
+class Departure:
+    """A client's departure as the upstream side sees it, registered before anything is opened.
+
+    The opener checks `gone` before every attempt; `stop_with` names what a departure must
+    stop now (the attempt in flight, then the answer it opened), so that the task awaiting
+    upstream ends on its own and is never cancelled.
+    """
+
+    __slots__ = ("gone", "_stop")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self._stop = None
+
+    def left(self) -> None:
+        """The client has gone: stop whatever is in flight for it."""
+        if self.gone:
+            return
+        self.gone = True
+        stop, self._stop = self._stop, None
+        if stop is not None:
+            stop()
+
+    def stop_with(self, stop) -> None:
+        """Call `stop()` when the client leaves, at once if it has; None: nothing in flight."""
+        if self.gone and stop is not None:
+            stop()
+        else:
+            self._stop = stop
+
+
+class _Attempt:
+    """One upstream request in flight, which a departure can stop without cancelling its opener.
+
+    httpcore reports each step of the request to a `trace` extension, in the opener's own
+    task: at every step boundary a departed client ends the attempt there. Once the request
+    is written and its answer awaited, `stop()` (from the departure) shuts an HTTP/1.1
+    connection's socket or resets the HTTP/2 stream, so the awaited read fails at once.
+    """
+
+    __slots__ = ("client", "departure", "extensions", "stream_id", "waiting", "opening", "tasks")
+
+    def __init__(self, client: httpx.AsyncClient, departure: Departure, tasks: set) -> None:
+        self.client = client
+        self.departure = departure
+        self.extensions: dict = {}
+        self.stream_id: int | None = None
+        self.waiting = False  # the request is written; its answer's head is awaited
+        self.opening = True   # until the answer's head has arrived (or the attempt failed)
+        self.tasks = tasks
+
+    async def trace(self, name: str, info: dict) -> None:
+        """httpcore's report of one step of the request, in the opener's task."""
+        if not self.opening:
+            return
+        if name == "http2.send_request_headers.started":
+            self.stream_id = info.get("stream_id")
+        elif name.endswith(".receive_response_headers.started"):
+            self.waiting = True
+        if self.departure.gone and name.endswith(".started") and not name.endswith("response_closed.started"):
+            if self.stream_id is not None and name != "http2.send_request_headers.started":
+                connection, request = self._connection()  # the stream is open upstream: reset it
+                if isinstance(connection, httpcore.AsyncHTTP2Connection):
+                    await _reset_http2_stream(connection, self.stream_id, request)
+            raise ClientGone()
+
+    def stop(self) -> None:
+        """Stop an attempt whose answer is awaited; one still being sent stops at its next step."""
+        if not self.waiting or not self.opening:
+            return
+        connection, request = self._connection()
+        if isinstance(connection, httpcore.AsyncHTTP11Connection):
+            sock = connection._network_stream.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # the awaited read sees EOF; upstream sees us leave
+                except OSError:
+                    pass
+        elif isinstance(connection, httpcore.AsyncHTTP2Connection) and self.stream_id is not None:
+            task = asyncio.get_running_loop().create_task(
+                _reset_http2_stream(connection, self.stream_id, request))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _connection(self):
+        """The httpcore connection (and request) serving this attempt, or (None, None).
+
+        Found in the pool by the identity of the extensions dict, which httpx hands to
+        httpcore as it is; private state, checked at every step.
+        """
+        pool = getattr(getattr(self.client, "_transport", None), "_pool", None)
+        for pool_request in list(getattr(pool, "_requests", ())):
+            request = getattr(pool_request, "request", None)
+            if getattr(request, "extensions", None) is self.extensions:
+                connection = getattr(getattr(pool_request, "connection", None), "_connection", None)
+                if isinstance(connection, httpcore.AsyncHTTP11Connection):
+                    return (connection, request) if hasattr(connection, "_network_stream") else (None, None)
+                if isinstance(connection, httpcore.AsyncHTTP2Connection) and _has_h2_state(connection):
+                    return connection, request
+                return None, None
+        return None, None
+
+
 class Upstream:
     """Opens upstream answers: route choice, one re-login on 401/403, retries before the first byte."""
 
@@ -157,16 +262,20 @@ class Upstream:
         self.retry_after_cap = retry_after_cap
         self.retries = 0
         self.note = _no_note  # note(route_name, outcome) hears of every attempt (see attempt_outcome)
+        self._stops: set[asyncio.Task] = set()  # HTTP/2 resets of abandoned attempts
 
-    async def open(self, body: dict, is_gone) -> httpx.Response:
-        """Return a 200 streaming response, or raise the ProxyError the client should see."""
+    async def open(self, body: dict, departure: Departure) -> httpx.Response:
+        """Return a 200 streaming response, or raise the ProxyError the client should see.
+
+        Raises ClientGone, before any upstream request or between attempts, once the client has left.
+        """
         if not self.routes:
             raise ProxyError(503, "no SambaNova credentials configured: set SAMBA_EMAIL and "
                              "SAMBA_PASSWORD, SAMBA_ACCESS_TOKEN or SAMBANOVA_API_KEY",
                              "service_unavailable", "no_credentials")
         for route in self.routes:
             try:
-                response = await self._open_route(route, _chat_request(route, body), is_gone)
+                response = await self._open_route(route, _chat_request(route, body), departure)
             except ProxyError as exc:
                 route.healthy = exc.status not in (502, 503, 504, 429)
                 if not exc.fallback or route is self.routes[-1]:
@@ -177,22 +286,24 @@ class Upstream:
             return response
         raise AssertionError("unreachable")
 
-    async def open_on(self, route, build, is_gone) -> httpx.Response:
+    async def open_on(self, route, build, departure: Departure) -> httpx.Response:
         """Open one route's answer to a request made by `build(token) -> (url, headers, content)`.
 
-        The official API's other endpoints use it: the same retries and error mapping
-        as chat completions, with no fallback to another route.
+        The official API's other endpoints use it: the same retries, error mapping and
+        departure checks as chat completions, with no fallback to another route.
         """
-        return await self._open_route(route, build, is_gone)
+        return await self._open_route(route, build, departure)
 
-    async def _open_route(self, route, build, is_gone) -> httpx.Response:
+    async def _open_route(self, route, build, departure: Departure) -> httpx.Response:
         note = self.note
         attempt = 0
         auth_retried = False
         while True:
+            if departure.gone:
+                raise ClientGone()
             token = await route.credential()
             try:
-                response = await self._send_once(route, build, token)
+                response = await self._send_once(route, build, token, departure)
                 note(route.name, "ok")
                 return response
             except _Rejected:
@@ -204,10 +315,12 @@ class Upstream:
                 await route.rejected(token)
                 continue
             except ProxyError as error:
+                if departure.gone:
+                    raise ClientGone() from None
                 if error.fallback and route is not self.routes[-1]:
                     note(route.name, attempt_outcome(error))
                     raise
-                if not error.retryable or attempt >= len(self.retry_delays) or is_gone():
+                if not error.retryable or attempt >= len(self.retry_delays):
                     note(route.name, attempt_outcome(error))
                     raise
                 note(route.name, "retried")
@@ -217,13 +330,22 @@ class Upstream:
             self.retries += 1
             await asyncio.sleep(delay)
 
-    async def _send_once(self, route, build, token: str) -> httpx.Response:
+    async def _send_once(self, route, build, token: str, departure: Departure) -> httpx.Response:
+        if departure.gone:  # a login or a retry delay may have taken a while
+            raise ClientGone()
         url, headers, content = build(token)
-        request = self.client.build_request("POST", url, headers=headers, content=content)
+        attempt = _Attempt(self.client, departure, self._stops)
+        request = self.client.build_request("POST", url, headers=headers, content=content,
+                                            extensions={"trace": attempt.trace})
+        attempt.extensions = request.extensions  # the dict httpcore gets (httpx adds the timeouts)
+        departure.stop_with(attempt.stop)
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise request_failure(exc) from None
+        finally:
+            attempt.opening = False
+            departure.stop_with(None)
         if response.status_code == 200:
             return response
         detail = await _read_error(response)
@@ -408,7 +530,11 @@ async def cancel_http2_stream(response: httpx.Response) -> bool:
     stream = _httpcore_h2_stream(response)
     if stream is None:
         return False
-    connection, stream_id = stream._connection, stream._stream_id
+    return await _reset_http2_stream(stream._connection, stream._stream_id, stream._request)
+
+
+async def _reset_http2_stream(connection, stream_id: int, request) -> bool:
+    """RST_STREAM(CANCEL) one stream of an httpcore HTTP/2 connection, and wake its reader."""
     try:
         connection._h2_state.reset_stream(stream_id, error_code=h2.errors.ErrorCodes.CANCEL)
     except h2.exceptions.ProtocolError:
@@ -419,10 +545,15 @@ async def cancel_http2_stream(response: httpx.Response) -> bool:
                                             remote_reset=False))
         connection._h2_state.ping(os.urandom(8))
     try:
-        await connection._write_outgoing_data(stream._request)
+        await connection._write_outgoing_data(request)
     except Exception as exc:  # the connection is already failing; its reader will see it too
         log.debug("could not reset an abandoned HTTP/2 stream: %s", type(exc).__name__)
     return True
+
+
+def _has_h2_state(connection) -> bool:
+    """Whether an httpcore HTTP/2 connection has the private state the resets above use."""
+    return all(hasattr(connection, name) for name in ("_events", "_h2_state", "_write_outgoing_data"))
 
 
 def _httpcore_h2_stream(response: httpx.Response):
@@ -432,7 +563,6 @@ def _httpcore_h2_stream(response: httpx.Response):
     connection = getattr(stream, "_connection", None)
     if not isinstance(connection, httpcore.AsyncHTTP2Connection):
         return None
-    needed = ("_events", "_h2_state", "_write_outgoing_data")
-    if not all(hasattr(connection, name) for name in needed) or not hasattr(stream, "_stream_id"):
+    if not _has_h2_state(connection) or not hasattr(stream, "_stream_id"):
         return None
     return stream

@@ -6,6 +6,7 @@ official API's /v1/models and /v1/chat/completions.  Tests script answers
 through `FakeSamba.script` and observe it through its counters and `wait_for`.
 
 Standalone: python tests/fake_samba.py --port 8123 --email E --password P
+(GET /_fake/stats shows its counters; POST /_fake/script {"stall_after": 1} scripts the next answer.)
 """
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ class Reply:
     done: bool = True          # end with data: [DONE] (explicit chunks: unless they hold one)
     body: str | None = None    # raw body of a non-200 answer (e.g. an HTML gateway page)
     reasoning: str | None = None  # thinking sent first as delta.reasoning_content (parsed style)
+    head_delay: float = 0.0    # silence before the answer's status line (a slow queue)
+    after_events: str | None = None  # then "drop" the TCP connection, or "linger" open and silent
 
 
 # ---------------------------------------------------------------- answer bodies
@@ -326,6 +329,9 @@ class FakeSamba(FakeHTTPServer):
             "/v1/completions": ("POST", self._text_completion),
             "/v1/audio/transcriptions": ("POST", self._audio),
             "/v1/audio/translations": ("POST", self._audio),
+            # Not SambaNova's: how another process (tests/attack.py) scripts and observes the fake.
+            "/_fake/stats": ("GET", self._stats),
+            "/_fake/script": ("POST", self._script_reply),
         }
 
     @property
@@ -389,6 +395,18 @@ class FakeSamba(FakeHTTPServer):
     def error_object(self, status: int, message: str | None = None) -> dict:
         """SambaNova's OpenAI-shaped errors, for unknown routes and malformed requests too."""
         return error_body(status, message)
+
+    async def _stats(self, conn: Conn, req: Request) -> None:
+        await self._json(conn, 200, self.snapshot())
+
+    async def _script_reply(self, conn: Conn, req: Request) -> None:
+        """Append the Reply whose fields the JSON body names (e.g. {"stall_after": 1})."""
+        fields = req.json()
+        try:
+            self.script.append(Reply(**fields))
+        except TypeError as exc:
+            return await self._json(conn, 400, error_body(400, str(exc)))
+        await self._json(conn, 200, {"script_left": len(self.script)})
 
     # ------------------------------------------------------------ login flow
 
@@ -623,6 +641,7 @@ class FakeSamba(FakeHTTPServer):
     async def _play(self, conn: Conn, reply: Reply, model: str, messages: list, stream: bool):
         if reply.hang:
             await conn.until_gone()
+        await conn.pause(reply.head_delay)
         if reply.status != 200:
             await conn.pause(reply.delay)
             body = reply.body.encode() if reply.body is not None else json.dumps(
@@ -653,6 +672,10 @@ class FakeSamba(FakeHTTPServer):
                 await conn.write(sse_frame(STREAM_ERROR))
                 break
             if i == len(events):
+                if reply.after_events == "drop":
+                    return conn.drop()
+                if reply.after_events == "linger":
+                    await conn.until_gone()
                 break
             await conn.pause(reply.first_delay if i == 0 else reply.delay)
             await conn.write(sse_frame(events[i]))

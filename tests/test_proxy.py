@@ -389,17 +389,20 @@ async def test_debug_token_shows_a_prefix_only_and_can_be_disabled(proxy, fake, 
     assert token not in json.dumps(debug) and hidden.status_code == 404
 
 
-async def test_cors_preflight_and_allow_origin_on_every_answer(proxy):
+async def test_cors_preflight_and_allow_origin_on_every_browser_answer(proxy):
+    origin = {"origin": "https://chat.example"}
     async with httpx.AsyncClient(timeout=10) as client:
         pre = await client.options(f"{proxy.url}/v1/chat/completions", headers={
-            "origin": "https://chat.example", "access-control-request-method": "POST",
+            **origin, "access-control-request-method": "POST",
             "access-control-request-headers": "authorization, content-type"})
-        denied = await client.get(f"{proxy.url}/v1/models")
-        ok = await client.get(f"{proxy.url}/v1/models", headers=AUTH)
+        denied = await client.get(f"{proxy.url}/v1/models", headers=origin)
+        ok = await client.get(f"{proxy.url}/v1/models", headers={**AUTH, **origin})
+        sdk_call = await client.get(f"{proxy.url}/v1/models", headers=AUTH)
     assert pre.status_code in (200, 204)
     allowed = pre.headers["access-control-allow-headers"].lower()
     assert "authorization" in allowed and "content-type" in allowed
     assert all(r.headers["access-control-allow-origin"] == "*" for r in (pre, denied, ok))
+    assert denied.status_code == 401 and ok.status_code == 200 and sdk_call.status_code == 200
 
 
 @pytest.fixture

@@ -41,7 +41,11 @@ async def test_account_route_without_a_token_falls_back_to_the_key_route(fake, s
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_upstream_ending_without_done_is_upstream_incomplete(proxy, fake, stream):
-    fake.script.append(Reply(text="cut short", done=False))
+    # Cut before the finish_reason and the usage chunk: either would make the answer whole.
+    pieces = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+              for text in ("cut ", "short")]
+    fake.script.append(Reply(chunks=pieces, done=False))
     r = await post(proxy, {**HELLO, "stream": stream})
     if stream:
         data = sse_data(r.text)
