@@ -1,7 +1,8 @@
 """The request/response vocabulary both HTTP drivers share: Request, ClientGone, Responder, Handler.
 
 http1.py (h11) and http2.py (h2) subclass Responder and build Requests with the helpers here;
-server.py re-exports the vocabulary for the app.
+server.py re-exports the vocabulary for the app. Budget and RateLimit are the counters behind
+the server's limits, kept here without I/O so both drivers share them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ JSON = [("content-type", "application/json"), ("access-control-allow-origin", "*
 # Fields the drivers own: they frame the body themselves and add Date.
 DRIVER_FIELDS = frozenset({"content-length", "transfer-encoding", "date"})
 BODILESS = (204, 304)  # RFC 9110 §6.4.1: these responses never carry content
+MAX_HEAD_BYTES = 16384  # a request head (HTTP/1.1 request line and fields, HTTP/2 decoded list)
+RETRY_AFTER = "1"  # seconds a client told "server busy" should wait
+# Why a connection stops reading: each reason is released on its own (Connection.hold_reading).
+HOLD_WRITES = 1  # the transport's write buffer is over its high-water mark
+HOLD_PIPELINE = 2  # HTTP/1.1: a pipelined request head is buffered already
 
 @dataclass(slots=True)
 class Request:
@@ -38,6 +44,53 @@ class Rejection:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+
+
+class Budget:
+    """Bytes held at once across all clients (MAX_BUFFERED_BYTES): a counter, a limit, its peak."""
+
+    __slots__ = ("limit", "used", "peak")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def room(self) -> int:
+        """Bytes that can still be taken."""
+        return self.limit - self.used
+
+    def take(self, size: int) -> bool:
+        """Hold `size` more bytes if the limit allows; False (nothing held) if not."""
+        used = self.used + size
+        if used > self.limit:
+            return False
+        self.used = used
+        if used > self.peak:
+            self.peak = used
+        return True
+
+    def give(self, size: int) -> None:
+        """Return bytes taken earlier."""
+        self.used -= size
+
+
+class RateLimit:
+    """A token bucket: `burst` events at once, then `rate` a second; hit() is False past it."""
+
+    __slots__ = ("rate", "burst", "_tokens", "_at")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._at = now
+
+    def hit(self, now: float) -> bool:
+        """Count one event at `now`; False once the client is past its allowance."""
+        tokens = min(self.burst, self._tokens + (now - self._at) * self.rate) - 1
+        self._tokens, self._at = tokens, now
+        return tokens >= 0
 
 
 class ClientGone(Exception):
