@@ -423,6 +423,7 @@ class H2Driver:
         """GOAWAY(ENHANCE_YOUR_CALM) and close: the client is abusing the connection (RFC 9113 §5.4.1)."""
         if self.conn.closed:
             return
+        self.h2.clear_outbound_data_buffer()  # e.g. the ACKs of a PING flood: none is owed now
         try:
             self.h2.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
         except ProtocolError:

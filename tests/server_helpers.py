@@ -302,6 +302,7 @@ class RawH2:
         self.reader, self.writer = reader, writer
         config = h2.config.H2Configuration(client_side=True, header_encoding=None, **settings)
         self.conn = h2.connection.H2Connection(config=config)
+        self.backlog = []  # events read but not yet returned by until()
         self.conn.initiate_connection()
         self.flush()
 
@@ -316,14 +317,20 @@ class RawH2:
         return stream_id
 
     async def until(self, predicate, ack=True):
-        """Read events until one matches `predicate`; return all events read (ack: grant window)."""
+        """Read events until one matches `predicate`; return all events read (ack: grant window).
+
+        Events read past the match wait for the next call.
+        """
         seen = []
         while True:
-            data = await asyncio.wait_for(self.reader.read(65536), WAIT)
-            assert data, "server closed the connection"
-            for event in self.conn.receive_data(data):
+            if not self.backlog:
+                data = await asyncio.wait_for(self.reader.read(65536), WAIT)
+                assert data, "server closed the connection"
+                self.backlog.extend(self.conn.receive_data(data))
+            while self.backlog:
+                event = self.backlog.pop(0)
                 seen.append(event)
-                if ack and isinstance(event, h2.events.DataReceived):
+                if ack and isinstance(event, h2.events.DataReceived) and event.stream_id in self.conn.streams:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 if predicate(event):
                     self.flush()
