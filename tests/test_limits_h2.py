@@ -63,7 +63,8 @@ async def test_h2_unauthenticated_upload_gets_401_and_no_window(make_server):
     client = await connect_h2(srv)
     try:
         stream_id = client.request("POST", "/echo", end_stream=False, extra=[("content-length", str(UPLOAD))])
-        client.conn.send_data(stream_id, b"a" * 16384)
+        for _ in range(4):  # the whole initial window
+            client.conn.send_data(stream_id, b"a" * min(16384, client.conn.local_flow_control_window(stream_id)))
         client.flush()
         events = await client.until(lambda e: isinstance(e, h2.events.StreamReset) and e.stream_id == stream_id)
         status, body = answers(events, stream_id)
@@ -110,6 +111,26 @@ async def test_h2_unfinished_uploads_keep_memory_bounded(make_server):
         client.writer.close()
     await eventually(lambda: not srv.connections)
     assert srv.budget.used == 0
+
+
+async def test_h2_window_is_never_granted_past_max_body_bytes(make_server):
+    srv = await make_server(max_body_bytes=100_000)
+    client = await connect_h2(srv)
+    try:
+        stream_id = client.request("POST", "/echo", end_stream=False)
+        events, granted = [], 65535
+        while not any(isinstance(e, h2.events.StreamReset) for e in events):
+            while (room := min(client.conn.local_flow_control_window(stream_id), 16384)) > 0:
+                client.conn.send_data(stream_id, b"b" * room)
+            client.flush()
+            new = await client.until(lambda e: isinstance(e, (h2.events.WindowUpdated, h2.events.StreamReset))
+                                     and e.stream_id == stream_id)
+            granted += sum(e.delta for e in new if isinstance(e, h2.events.WindowUpdated) and e.stream_id == stream_id)
+            events += new
+        assert answers(events, stream_id)[0] == 413
+        assert granted == 100_001  # one byte past the limit, to tell a 413 from a stall
+    finally:
+        client.writer.close()
 
 
 async def test_h2_max_buffered_bytes_gives_503_and_the_budget_returns_to_zero(make_server):
