@@ -298,6 +298,7 @@ class H11Driver:
     def _linger(self) -> None:
         """Half-close and discard input for a while, so the client reads our answer (RFC 9112 §9.6)."""
         self.lingering = True
+        self.conn.head_done()
         t = self.transport
         if t.can_write_eof():  # never over TLS: there the answer is followed by lingering alone
             t.write_eof()

@@ -29,6 +29,7 @@ from h2.events import (
     PriorityUpdated,
     RemoteSettingsChanged,
     RequestReceived,
+    SettingsAcknowledged,
     StreamEnded,
     StreamReset,
     UnknownFrameReceived,
@@ -209,6 +210,7 @@ class H2Driver:
         self.closing = False
         self.settled = False  # the client's first SETTINGS has arrived
         self._flush_pending = False
+        self._request_priority: PriorityUpdated | None = None  # that of the last HEADERS frame
         self._unacked = 0  # connection-level bytes received since the last WINDOW_UPDATE
         now = conn.loop.time()
         self._resets = RateLimit(RESET_RATE, RESET_BURST, now)
@@ -281,7 +283,10 @@ class H2Driver:
                 self._stream_reset(event.stream_id)
             elif isinstance(event, RemoteSettingsChanged):
                 self._settings_changed()
-            elif isinstance(event, (PingReceived, PingAckReceived, PriorityUpdated, UnknownFrameReceived)):
+            elif isinstance(event, PriorityUpdated):
+                if event is not self._request_priority:  # not the priority a HEADERS frame carried
+                    self._idle_frame()
+            elif isinstance(event, (PingReceived, PingAckReceived, SettingsAcknowledged, UnknownFrameReceived)):
                 self._idle_frame()
             elif isinstance(event, ConnectionTerminated):
                 self._terminated()
@@ -292,6 +297,7 @@ class H2Driver:
     def _request_received(self, event: RequestReceived) -> None:
         """Map pseudo-headers to a Request (RFC 9113 §8.3.1) and check it before any body byte."""
         self.conn.touch()
+        self._request_priority = event.priority_updated
         stream_id = event.stream_id
         if self.closing:
             self.reset(stream_id, ErrorCodes.REFUSED_STREAM)  # RFC 9113 §8.7: safe to retry
