@@ -1,8 +1,7 @@
 """The HTTP/1.1 driver: moves bytes between one connection and h11, one request at a time.
 
-server.py owns the socket; the driver gets a connection object with `transport`, `server`,
-`paused`, `drain()`, `touch()` and `close_later()`, and calls back `server.run(request, responder)`
-for each request.
+server.py owns the socket; the driver gets a connection as http_common.Link describes it, and
+calls back `server.run(request, responder)` for each request.
 """
 
 from __future__ import annotations
@@ -14,11 +13,12 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from http_common import (BODILESS, DRIVER_FIELDS, HOLD_PIPELINE, JSON, MAX_HEAD_BYTES, ClientGone,
-                         Rejection, Request, Responder, clean_headers, header_dict)
+from http_common import (BODILESS, DRIVER_FIELDS, ENDED, GONE, HOLD_PIPELINE, JSON, MAX_HEAD_BYTES,
+                         STARTED, ABORTED, ClientGone, Rejection, Request, Responder, clean_headers,
+                         header_dict)
 
 if TYPE_CHECKING:
-    from server import Connection
+    from http_common import Link
 
 log = logging.getLogger("sambaproxy.server")
 
@@ -54,7 +54,7 @@ class H11Responder(Responder):
         if body and not self._no_body:
             out += d.h11.send(h11.Data(data=body))
         out += d.h11.send(h11.EndOfMessage())
-        self.ended = True
+        self.state = ENDED
         d.transport.write(out)
         if d.conn.paused:
             await d.conn.drain()
@@ -79,7 +79,8 @@ class H11Responder(Responder):
         return self._driver.h11.send(h11.Data(data=data))
 
     async def write(self, data):
-        self._check_open()
+        if self.state is not STARTED:
+            self._refuse_write()
         if data and not self._no_body:
             d = self._driver
             d.transport.write(self._frame(data))
@@ -89,35 +90,36 @@ class H11Responder(Responder):
                     await d.conn.drain()
                 finally:
                     self._pending = False
-                if self.gone:
+                if self.state is GONE:
                     raise ClientGone()
 
     def write_if_idle(self, data):
         d = self._driver
-        if self._pending or not self.started or self.ended or self.gone or d.conn.paused:
+        if self._pending or self.state is not STARTED or d.conn.paused:
             return False
         if data and not self._no_body:
             d.transport.write(self._frame(data))
         return True
 
     async def end(self):
-        if not self.ended and not self.gone:
-            self.ended = True
+        if self.state is STARTED:
+            self.state = ENDED
             self._driver.transport.write(self._driver.h11.send(h11.EndOfMessage()))
 
-    def _abort(self):
+    def abort(self):
         # RFC 9112 §8: closing before the last chunk tells the client the message is incomplete.
-        self.ended = True
+        if self.state is not GONE:
+            self.state = ABORTED
         self._driver.transport.close()
 
-    def _finished(self):
+    def finish(self):
         self._driver.cycle_done()
 
 
 class H11Driver:
     """Moves bytes between one connection and h11, one request at a time."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Link) -> None:
         self.conn = conn
         self.server = conn.server
         self.transport = conn.transport
@@ -159,7 +161,7 @@ class H11Driver:
         """A client that leaves while its request is handled is gone."""
         self._release()
         if self.responder is not None:
-            self.responder._client_left()
+            self.responder.client_left()
 
     def head_timeout(self) -> None:
         """No whole request head within HEADER_TIMEOUT: 408 if part of one came, else close."""
@@ -196,7 +198,7 @@ class H11Driver:
                 self.reject(exc.error_status_hint, "Malformed HTTP request", "bad_request")
 
     def _request_started(self, event: h11.Request) -> None:
-        """Admit the head, check its size and the declared body size, answer Expect: 100-continue (RFC 9110 §10.1.1)."""
+        """Check the head's size, admit it, check the declared body size, answer Expect: 100-continue."""
         self.conn.head_done()
         path, _, query = event.target.decode("latin-1").partition("?")
         request = Request(event.method.decode("ascii"), path, query, header_dict(event.headers), b"",

@@ -1,8 +1,7 @@
 """The HTTP/2 driver: moves bytes between one connection and h2; each stream runs as its own task.
 
-server.py owns the socket; the driver gets a connection object with `transport`, `loop`,
-`server`, `paused`, `closed`, `drain()` and `touch()`, and calls back
-`server.run(request, responder)` for each stream.
+server.py owns the socket; the driver gets a connection as http_common.Link describes it, and
+calls back `server.run(request, responder)` for each stream.
 
 What a client can make us hold is bounded here (RFC 9113 §10.5): request bodies by flow control
 (window is granted only for bytes buffered within MAX_BODY_BYTES and the server's budget), streams
@@ -38,11 +37,11 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
-from http_common import (BODILESS, DRIVER_FIELDS, JSON, MAX_HEAD_BYTES, ClientGone, RateLimit, Rejection,
-                         Request, Responder, clean_headers, header_dict)
+from http_common import (ABORTED, BODILESS, DRIVER_FIELDS, ENDED, GONE, JSON, MAX_HEAD_BYTES, STARTED, WAITING,
+                         ClientGone, RateLimit, Rejection, Request, Responder, clean_headers, header_dict)
 
 if TYPE_CHECKING:
-    from server import Connection
+    from http_common import Link
 
 log = logging.getLogger("sambaproxy.server")
 
@@ -94,7 +93,7 @@ class H2Responder(Responder):
             body = b""
         d.h2.send_headers(self.stream_id, d.fields(status, headers, length), end_stream=not body)
         if not body:
-            self.ended = True
+            self.state = ENDED
             d.flush_soon()
             return
         try:
@@ -105,19 +104,21 @@ class H2Responder(Responder):
     async def start(self, status, headers):
         if self._begin(status):
             d = self._driver
-            self.ended = self._no_body
+            if self._no_body:
+                self.state = ENDED
             d.h2.send_headers(self.stream_id, d.fields(status, headers, None), end_stream=self._no_body)
             d.flush_soon()
 
     async def write(self, data):
         if self._no_body and self.started:
             return  # HEAD, 204, 304: the body is never sent
-        self._check_open()
+        if self.state is not STARTED:
+            self._refuse_write()
         if data:
             await self._send_data(data, end=False)
 
     def write_if_idle(self, data):
-        if self._pending or not self.started or self.ended or self.gone:
+        if self._pending or self.state is not STARTED:
             return False
         d = self._driver
         h = d.h2
@@ -130,8 +131,8 @@ class H2Responder(Responder):
         return True
 
     async def end(self):
-        if not self.ended and not self.gone:
-            self.ended = True
+        if self.state is STARTED:
+            self.state = ENDED
             self._driver.h2.end_stream(self.stream_id)
             self._driver.flush_soon()
 
@@ -143,7 +144,7 @@ class H2Responder(Responder):
         self._pending = True
         try:
             while pos < total:
-                if self.gone:
+                if self.state is GONE:
                     raise ClientGone()
                 size = min(h.local_flow_control_window(self.stream_id), h.max_outbound_frame_size,
                            total - pos)
@@ -153,7 +154,7 @@ class H2Responder(Responder):
                 pos += size
                 last = end and pos == total
                 if last:
-                    self.ended = True
+                    self.state = ENDED
                 h.send_data(self.stream_id, data[pos - size:pos], end_stream=last)
                 if pos < total:
                     d.flush()  # more to come: keep the transport's backpressure signal accurate
@@ -161,7 +162,7 @@ class H2Responder(Responder):
                     d.flush_soon()
                 if d.conn.paused:
                     await d.conn.drain()
-            if self.gone and not self.ended:
+            if self.state is GONE:
                 raise ClientGone()
         finally:
             self._pending = False
@@ -176,7 +177,7 @@ class H2Responder(Responder):
             await self._window
         finally:
             self._window = None
-        if self.gone or self._driver.h2.local_flow_control_window(self.stream_id) > 0:
+        if self.state is GONE or self._driver.h2.local_flow_control_window(self.stream_id) > 0:
             self.starved_at = None
 
     def wake(self) -> None:
@@ -184,20 +185,20 @@ class H2Responder(Responder):
         if self._window is not None and not self._window.done():
             self._window.set_result(None)
 
-    def _abort(self):
+    def abort(self):
         # RFC 9113 §8.1: a server that cannot finish a response resets the stream.
-        if not self.ended and not self.gone:
-            self.ended = True
+        if self.state is WAITING or self.state is STARTED:
+            self.state = ABORTED
             self._driver.reset(self.stream_id, ErrorCodes.INTERNAL_ERROR)
 
-    def _finished(self):
+    def finish(self):
         self._driver.stream_done(self)
 
 
 class H2Driver:
     """Moves bytes between one connection and h2; each stream runs as its own task."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Link) -> None:
         self.conn = conn
         self.server = conn.server
         self.transport = conn.transport
@@ -239,7 +240,7 @@ class H2Driver:
             else:
                 log.debug("resetting an HTTP/2 stream whose client grants no window")
                 self.reset(stream.stream_id, ErrorCodes.CANCEL)
-                stream._client_left()
+                stream.client_left()
                 stream.wake()
         return oldest
 
@@ -415,7 +416,7 @@ class H2Driver:
         """RST_STREAM from the client: that stream's client is gone; too many resets end the connection."""
         stream = self.streams.get(stream_id)
         if stream is not None:
-            stream._client_left()
+            stream.client_left()
             stream.wake()
             self._release(stream)
             stream._chunks = []
@@ -449,7 +450,7 @@ class H2Driver:
         for stream in list(self.streams.values()):
             self._release(stream)
             stream._chunks = []
-            stream._client_left()
+            stream.client_left()
             stream.wake()
 
     def head_timeout(self) -> None:
@@ -474,7 +475,7 @@ class H2Driver:
         try:
             await stream.send(rejection.status, rejection.headers, rejection.body)
         finally:
-            stream._finished()
+            stream.finish()
 
     def stream_done(self, stream: H2Responder) -> None:
         """Forget a finished stream; stop an unread upload; close when shutting down and idle."""

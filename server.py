@@ -23,15 +23,20 @@ from http1 import H11Driver
 from http2 import H2Driver
 from http_common import (  # noqa: F401  (Request, Responder, Handler, Rejection: re-exported for the app)
     HOLD_WRITES,
+    GONE,
     JSON,
     RETRY_AFTER,
+    STARTED,
+    WAITING,
     Admit,
     Budget,
     ClientGone,
+    Driver,
     Handler,
     Rejection,
     Request,
     Responder,
+    State,
     describe,
 )
 
@@ -60,13 +65,16 @@ def _admit_all(request: Request) -> None:
 
 
 class Connection(asyncio.Protocol):
-    """One accepted socket: picks the HTTP/1.1 or HTTP/2 driver and owns write backpressure."""
+    """One accepted socket: picks the HTTP/1.1 or HTTP/2 driver and owns backpressure and timers.
+
+    Drivers see it as http_common.Link; it calls them as http_common.Driver.
+    """
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
-        self.driver: H11Driver | H2Driver | None = None
+        self.driver: Driver | None = None  # chosen by ALPN or by the first bytes
         self.paused = False
         self.paused_at = 0.0  # when the transport last asked us to stop writing
         self.closed = False
@@ -363,7 +371,7 @@ class Server:
     async def run(self, request: Request, responder: Responder) -> None:
         """Run the handler for one request, within MAX_CONCURRENT_REQUESTS, and make sure it gets a whole answer."""
         try:
-            if responder.gone:
+            if responder.state is GONE:
                 # HTTP/2 rapid reset (CVE-2023-44487): reset before its handler could start.
                 log.debug("client left before %s %s started", request.method, request.path)
             elif self.active >= self.max_concurrent_requests:
@@ -376,23 +384,24 @@ class Server:
                 finally:
                     self.active -= 1
         finally:
-            responder._finished()
+            responder.finish()
 
     async def _handle(self, request: Request, responder: Responder) -> None:
         """Run the handler; answer 500, or abort a started response, if it fails."""
         try:
             await self.handler(request, responder)
-            if not responder.started and responder.gone:
-                log.debug("client left before the answer to %s %s", request.method, request.path)
-            elif not responder.started:
+            state = responder.state
+            if state is GONE:
+                log.debug("client left during %s %s", request.method, request.path)
+            elif state is WAITING:
                 log.error("handler sent no response to %s %s", request.method, request.path)
                 await self._fail(responder)
-            elif not responder.ended:
+            elif state is STARTED:
                 await responder.end()
         except ClientGone:
             log.debug("client left during %s %s", request.method, request.path)
         except asyncio.CancelledError:
-            responder._abort()
+            responder.abort()
             raise
         except Exception as exc:
             log.error("handler failed on %s %s: %s", request.method, request.path, describe(exc))
@@ -400,12 +409,12 @@ class Server:
 
     async def _fail(self, responder: Responder) -> None:
         """Answer 500 while a response can still start; after that, abort the stream."""
-        if responder.started:
-            responder._abort()
+        if responder.state is not WAITING:
+            responder.abort()
             return
         body = self.error_body(500, "Internal server error", "server_error", "internal_error")
         try:
             await responder.send(500, JSON, body)
         except Exception as exc:
             log.error("could not send the 500 answer: %s", describe(exc))
-            responder._abort()
+            responder.abort()

@@ -1,4 +1,4 @@
-"""The server's limits over real sockets, HTTP/1.1 and both protocols (issue 6); HTTP/2 abuse is in test_limits_h2.py."""
+"""The server's limits over real sockets, HTTP/1.1 and both protocols (issue 6); HTTP/2 abuse: test_limits_h2.py."""
 
 import asyncio
 import json

@@ -8,7 +8,7 @@ import h2.events
 import h2.settings
 from h2.errors import ErrorCodes
 from server_helpers import (  # noqa: F401 (fixtures)
-    SECRET, WAIT, RawH2, app, eventually, make_server, open_raw, read_to_eof, require_key,
+    WAIT, RawH2, app, eventually, make_server, open_raw, read_to_eof, require_key,
 )
 
 UPLOAD = 30 * 1024 * 1024  # each unfinished upload of the memory test
