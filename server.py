@@ -21,7 +21,7 @@ from typing import Callable
 
 from http1 import H11Driver
 from http2 import H2Driver
-from http_common import (  # noqa: F401  (Request, Responder, Handler, Rejection: re-exported for the app)
+from http_common import (  # noqa: F401  (Request, Responder, State, Handler, Rejection: re-exported for the app)
     HOLD_WRITES,
     GONE,
     JSON,

@@ -241,3 +241,51 @@ async def test_unexpected_driver_error_costs_one_connection_without_fatal_error(
     messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(messages) == 1 and "dropping a connection after an unexpected error: ValueError" in messages[0]
     assert SECRET not in caplog.text and "Fatal error" not in caplog.text
+
+
+# The counters and the responder's state, without I/O
+
+def test_budget_takes_within_its_limit_and_keeps_its_peak():
+    from http_common import Budget
+    budget = Budget(100)
+    assert budget.take(60) and not budget.take(41) and budget.take(40)
+    assert (budget.used, budget.room(), budget.peak) == (100, 0, 100)
+    budget.give(100)
+    assert (budget.used, budget.room(), budget.peak) == (0, 100, 100)
+
+
+def test_rate_limit_allows_a_burst_then_its_rate():
+    from http_common import RateLimit
+    limit = RateLimit(rate=10.0, burst=3, now=0.0)
+    assert [limit.hit(0.0) for _ in range(4)] == [True, True, True, False]
+    assert limit.hit(0.2) and not limit.hit(0.2)  # 0.2 s at 10/s: two more, one of them spent above
+    assert [limit.hit(10.0) for _ in range(4)] == [True, True, True, False]  # refilled to the burst, no more
+
+
+def test_responder_state_waiting_started_ended_and_gone():
+    from http_common import ClientGone, Responder, State
+    left = []
+    responder = Responder(head=False)
+    responder.on_gone(lambda: left.append(1))
+    assert (responder.state, responder.started, responder.gone, responder.ended) == (State.WAITING, False, False, False)
+    assert responder._begin(200) and responder.state is State.STARTED and responder.started
+    with pytest.raises(RuntimeError):
+        responder._begin(200)
+    responder.client_left()
+    responder.client_left()
+    assert (responder.state, responder.gone, responder.started, left) == (State.GONE, True, False, [1])
+    with pytest.raises(ClientGone):
+        responder._refuse_write()
+    assert not responder._begin(200)
+    responder.on_gone(lambda: left.append(2))  # registered after the departure: runs at once
+    assert left == [1, 2]
+
+
+def test_responder_that_ended_does_not_become_gone():
+    from http_common import Responder, State
+    responder = Responder(head=False)
+    responder.on_gone(lambda: pytest.fail("the response had ended"))
+    responder._begin(200)
+    responder.state = State.ENDED  # as a driver's end() does
+    responder.client_left()
+    assert (responder.state, responder.ended, responder.gone) == (State.ENDED, True, False)
