@@ -131,6 +131,22 @@ async def test_h1_pipelined_head_is_answered_after_the_running_one(make_server, 
         writer.close()
 
 
+async def test_h1_pipelined_bytes_past_one_head_stop_reading(make_server, app):
+    srv = await make_server()
+    reader, writer = await open_raw(srv)
+    try:
+        writer.write(b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(app.entered.wait(), WAIT)
+        (conn,) = srv.connections
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 40000)  # more than one head
+        await eventually(lambda: not conn.transport.is_reading())
+        app.release.set()
+        assert (await read_response(reader))[3] == b"done"
+        assert (await read_to_eof(reader)).startswith(b"HTTP/1.1 431 ")  # then read again, and refused
+    finally:
+        writer.close()
+
+
 # Connections, handlers, buffered bytes
 
 async def test_max_connections_closes_further_accepts(make_server, caplog):
