@@ -6,6 +6,7 @@ import logging
 
 import h2.events
 import h2.settings
+import pytest
 from h2.errors import ErrorCodes
 from server_helpers import (  # noqa: F401 (fixtures)
     WAIT, RawH2, app, eventually, make_server, open_raw, read_to_eof, require_key,
@@ -312,13 +313,25 @@ async def test_h2_ping_flood_gets_goaway_and_close(make_server, caplog):
     await eventually(lambda: not srv.connections)
 
 
-async def test_h2_empty_data_flood_gets_goaway(make_server):
+def flood(client, kind, count):
+    """Queue `count` frames of `kind` that make the server do no work."""
+    if kind == "empty DATA":
+        stream_id = client.request("POST", "/echo", end_stream=False)
+    for _ in range(count):
+        if kind == "SETTINGS":
+            client.conn.update_settings({h2.settings.SettingCodes.ENABLE_PUSH: 0})
+        elif kind == "WINDOW_UPDATE":
+            client.conn.increment_flow_control_window(1)
+        elif kind == "empty DATA":
+            client.conn.send_data(stream_id, b"")
+
+
+@pytest.mark.parametrize("kind", ["SETTINGS", "WINDOW_UPDATE", "empty DATA"])
+async def test_h2_idle_frame_flood_gets_goaway(make_server, kind):
     srv = await make_server()
     client = await connect_h2(srv)
     try:
-        stream_id = client.request("POST", "/echo", end_stream=False)
-        for _ in range(2000):
-            client.conn.send_data(stream_id, b"")
+        flood(client, kind, 2000)
         client.flush()
         events = await client.until(lambda e: isinstance(e, h2.events.ConnectionTerminated))
         assert events[-1].error_code == ErrorCodes.ENHANCE_YOUR_CALM
