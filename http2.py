@@ -291,7 +291,7 @@ class H2Driver:
                 self._idle_frame()
             elif isinstance(event, ConnectionTerminated):
                 self._terminated()
-            if self.conn.closed or self.transport.is_closing():
+            if self.transport.is_closing():  # calm() or the client's GOAWAY ended the connection
                 return
         self.flush()
 
