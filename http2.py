@@ -208,6 +208,9 @@ class H2Driver:
         self.h2.decoder.max_header_list_size = MAX_HEAD_BYTES
         self.streams: dict[int, H2Responder] = {}
         self.running = 0  # streams with a task (handler or driver-made answer)
+        # Body bytes kept for this connection's streams: one connection keeps at most one
+        # MAX_BODY_BYTES at once, so no single client takes the whole MAX_BUFFERED_BYTES.
+        self.held = 0
         self.closing = False
         self.settled = False  # the client's first SETTINGS has arrived
         self._flush_pending = False
@@ -326,7 +329,7 @@ class H2Driver:
             self._answer(stream, rejection)
         elif length.isdigit() and int(length) > self.server.max_body_bytes:
             self._reject(stream, 413, "Request body too large", "request_too_large")
-        elif length.isdigit() and int(length) > self.server.budget.room():
+        elif length.isdigit() and int(length) > self._room():
             self._answer(stream, self.server.busy("Too many request bodies are being received; retry shortly"))
 
     def _data_received(self, event: DataReceived) -> None:
@@ -349,9 +352,10 @@ class H2Driver:
         if stream._size > self.server.max_body_bytes:
             self._reject(stream, 413, "Request body too large", "request_too_large")
             return
-        if not self.server.budget.take(len(data)):
+        if len(data) > self._room() or not self.server.budget.take(len(data)):
             self._answer(stream, self.server.busy("Too many request bodies are being received; retry shortly"))
             return
+        self.held += len(data)
         stream.held += len(data)
         stream._chunks.append(data)
         if event.stream_ended is None:
@@ -368,10 +372,15 @@ class H2Driver:
             stream.granted += grant
             self.h2.increment_flow_control_window(grant, stream.stream_id)
 
+    def _room(self) -> int:
+        """Body bytes this connection may still keep: its share (one MAX_BODY_BYTES) within the budget."""
+        return min(self.server.max_body_bytes - self.held, self.server.budget.room())
+
     def _release(self, stream: H2Responder) -> None:
         """Give a stream's body bytes back to the budget: its handler has them, or nobody will."""
         if stream.held:
             self.server.budget.give(stream.held)
+            self.held -= stream.held
             stream.held = 0
 
     def _stream_ended(self, stream_id: int) -> None:

@@ -156,6 +156,32 @@ async def test_h2_max_buffered_bytes_gives_503_and_the_budget_returns_to_zero(ma
         client.writer.close()
 
 
+async def test_h2_one_connection_keeps_at_most_one_max_body_at_once(make_server):
+    srv = await make_server()  # MAX_BODY_BYTES 1000, the budget far larger
+    client, other = await connect_h2(srv), await connect_h2(srv)
+    try:
+        first = client.request("POST", "/echo", end_stream=False)
+        client.conn.send_data(first, b"1" * 600)
+        second = client.request("POST", "/echo", end_stream=False)
+        client.conn.send_data(second, b"2" * 600)  # 1200 on one connection: one body too many
+        client.flush()
+        elsewhere = other.request("POST", "/echo", end_stream=False)
+        other.conn.send_data(elsewhere, b"3" * 600, end_stream=True)  # another connection has its own share
+        other.flush()
+        events = await until_ended(client, second)
+        assert answers(events, second)[0] == 503
+        client.conn.end_stream(first)
+        client.flush()
+        events = await until_ended(client, first)
+        assert answers(events, first) == (200, b"1" * 600)
+        events = await until_ended(other, elsewhere)
+        assert answers(events, elsewhere) == (200, b"3" * 600)
+        assert srv.budget.used == 0
+    finally:
+        client.writer.close()
+        other.writer.close()
+
+
 async def test_h2_budget_is_released_when_the_connection_dies(make_server):
     srv = await make_server()
     client = await connect_h2(srv)
