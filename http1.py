@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from http_common import (BODILESS, DRIVER_FIELDS, ENDED, GONE, HOLD_PIPELINE, JSON, MAX_HEAD_BYTES,
-                         STARTED, ABORTED, ClientGone, Rejection, Request, Responder, clean_headers,
-                         header_dict)
+from http_common import (ABORTED, BODILESS, DRIVER_FIELDS, ENDED, GONE, HOLD_PIPELINE, JSON, MAX_HEAD_BYTES,
+                         STARTED, ClientGone, Rejection, Request, Responder, clean_headers, header_dict)
 
 if TYPE_CHECKING:
     from http_common import Link

@@ -341,12 +341,12 @@ class H2Driver:
             # The connection's window comes back for every byte: each stream is bounded by its own.
             self.h2.increment_flow_control_window(self._unacked)
             self._unacked = 0
-        stream = self.streams.get(event.stream_id)
-        if stream is None or stream.rejected or stream.gone:
-            return
         data = event.data
         if not data and event.stream_ended is None:
             self._idle_frame()  # an empty DATA frame does no work
+            return
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.rejected or stream.gone:
             return
         stream._size += len(data)
         if stream._size > self.server.max_body_bytes:
