@@ -397,9 +397,13 @@ class H2Driver:
             stream.task = self.server.spawn(self.server.run(stream.request, stream))
 
     def _window_updated(self, stream_id: int) -> None:
-        """Wake the writers the new window concerns (stream 0: all of them)."""
+        """WINDOW_UPDATE: wake the writers it concerns; while nothing is sent it does no work."""
         if not self.running:
-            self._idle_frame()  # nothing is being sent: the update does no work
+            self._idle_frame()
+        self._wake(stream_id)
+
+    def _wake(self, stream_id: int) -> None:
+        """Wake the writers a new window concerns (stream 0: all of them)."""
         if stream_id == 0:
             for stream in self.streams.values():
                 stream.wake()
@@ -413,7 +417,7 @@ class H2Driver:
             self.conn.head_done()
         else:
             self._idle_frame()
-        self._window_updated(0)  # INITIAL_WINDOW_SIZE may have grown every window
+        self._wake(0)  # INITIAL_WINDOW_SIZE may have grown every window
 
     def _idle_frame(self) -> None:
         """Count a frame that does no work (PING, SETTINGS, PRIORITY, empty DATA...); a flood ends the connection."""
