@@ -141,7 +141,11 @@ class App:
         self.open_routes = frozenset(("/info", "/", *self.ops.open_routes(config.metrics_public)))
         self.cors = CorsPolicy(config.cors_origins, bool(self.keys))
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
-                             ssl_context=_ssl_context(config), error_body=error_body, admit=self.admit)
+                             ssl_context=_ssl_context(config), error_body=error_body, admit=self.admit,
+                             max_connections=config.max_connections,
+                             max_concurrent_requests=config.max_concurrent_requests,
+                             max_buffered_bytes=config.max_buffered_bytes,
+                             header_timeout=config.header_timeout)
         self._background: set[asyncio.Task] = set()
         self.request_ids = RequestIds()
 

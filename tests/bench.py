@@ -117,7 +117,8 @@ async def open_streams(port: int, pid: int, count: int) -> float:
 def memory_phase(args, procs: list) -> tuple[float, float]:
     """VmRSS (MB) of a fresh, logged-in proxy, idle and then with --streams open streams."""
     fake = start_fake(args, procs, "--stall-after", "1")
-    proxy, port = start_proxy(args, procs, fake_settings(fake), UPSTREAM_MAX_CONNECTIONS=str(args.streams + 100))
+    proxy, port = start_proxy(args, procs, fake_settings(fake), UPSTREAM_MAX_CONNECTIONS=str(args.streams + 100),
+                              MAX_CONCURRENT_REQUESTS=str(args.streams + 100))
     return cpu_and_rss(proxy.pid)[1], asyncio.run(open_streams(port, proxy.pid, args.streams))
 
 

@@ -1,6 +1,7 @@
 """Shared by test_server.py and test_server_h2.py: the test App handler, its servers and clients, raw-socket helpers."""
 
 import asyncio
+import collections
 import json
 import re
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server import ClientGone, Server  # noqa: E402
+from server import ClientGone, Rejection, Server  # noqa: E402
 
 LIMIT = 1000  # max_body_bytes of the test server
 WAIT = 5.0  # bound on every wait
@@ -41,12 +42,22 @@ class App:
         self.hold_cancelled = False
         self.idle_writes = []
         self.max_buffered = 0
+        self.calls = collections.Counter()  # handler calls by path
+        self._called = asyncio.Event()
 
     def _left(self):
         self.gone_count += 1
         self.gone.set()
 
+    async def calls_reach(self, path, count):
+        """Wait (bounded) until the handler has been called `count` times for `path`."""
+        while self.calls[path] < count:
+            self._called.clear()
+            await asyncio.wait_for(self._called.wait(), WAIT)
+
     async def __call__(self, request, responder):
+        self.calls[request.path] += 1
+        self._called.set()
         route = getattr(self, "do_" + request.path.strip("/").replace("-", "_"), None)
         if route is None:
             await responder.send(404, [("content-type", "text/plain")], b"not found")
@@ -165,9 +176,48 @@ class App:
         await responder.send(200, [("x-key", SECRET + "\r\n")], b"")
 
 
+def require_key(request):
+    """An admission hook as the app's: 401 at the head unless the request carries the key."""
+    if request.headers.get("authorization") == f"Bearer {SECRET}":
+        return None
+    return Rejection(401, [("content-type", "application/json"), ("www-authenticate", "Bearer")],
+                     error_body(401, "missing or invalid API key", "invalid_request_error", "invalid_api_key"))
+
+
+async def eventually(predicate):
+    """Wait (bounded) until `predicate()` holds: for state the server changes after the client's last byte."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 def app():
     return App()
+
+
+@pytest.fixture
+async def make_server(app):
+    """Factory: make_server(**Server options) -> a started Server for `app`; all are shut down at teardown."""
+    servers = []
+
+    async def make(**options):
+        options.setdefault("max_body_bytes", LIMIT)
+        srv = Server(app, error_body=error_body, **options)
+        await srv.start("127.0.0.1", 0)
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        await srv.shutdown(grace=1.0)
+
+
+async def open_raw(srv):
+    """A raw connection to `srv` (the caller closes the writer)."""
+    return await asyncio.wait_for(asyncio.open_connection("127.0.0.1", srv.port), WAIT)
 
 
 @pytest.fixture
@@ -252,6 +302,7 @@ class RawH2:
         self.reader, self.writer = reader, writer
         config = h2.config.H2Configuration(client_side=True, header_encoding=None, **settings)
         self.conn = h2.connection.H2Connection(config=config)
+        self.backlog = []  # events read but not yet returned by until()
         self.conn.initiate_connection()
         self.flush()
 
@@ -266,14 +317,20 @@ class RawH2:
         return stream_id
 
     async def until(self, predicate, ack=True):
-        """Read events until one matches `predicate`; return all events read (ack: grant window)."""
+        """Read events until one matches `predicate`; return all events read (ack: grant window).
+
+        Events read past the match wait for the next call.
+        """
         seen = []
         while True:
-            data = await asyncio.wait_for(self.reader.read(65536), WAIT)
-            assert data, "server closed the connection"
-            for event in self.conn.receive_data(data):
+            if not self.backlog:
+                data = await asyncio.wait_for(self.reader.read(65536), WAIT)
+                assert data, "server closed the connection"
+                self.backlog.extend(self.conn.receive_data(data))
+            while self.backlog:
+                event = self.backlog.pop(0)
                 seen.append(event)
-                if ack and isinstance(event, h2.events.DataReceived):
+                if ack and isinstance(event, h2.events.DataReceived) and event.stream_id in self.conn.streams:
                     self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 if predicate(event):
                     self.flush()
