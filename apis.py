@@ -28,7 +28,7 @@ from responses import chat_body as responses_chat_body
 from responses import encode_event as responses_event
 from sse import KEEPALIVE, ChunkReader, SSEDecoder, UpstreamStreamError, dumps
 from reasoning import ChunkSplit, starts_thinking
-from upstream import Departure, stop_upstream
+from upstream import finish_upstream, open_for_client
 
 log = logging.getLogger("sambaproxy.apis")
 
@@ -57,14 +57,10 @@ async def chat_chunks(app, body: dict, responder: Responder,
     # (REASONING_FORMAT) applied to every chunk, so thinking arrives as reasoning_content.
     model = app.resolve_model(body.get("model") or app.config.default_model)
     split = ChunkSplit(app.config.reasoning_format, starts_thinking(model, app.config.reasoning_models))
-    # As in chat_completions: the departure hook comes before upstream is opened, then stops
-    # the upstream answer; the reading task is never cancelled (a cancelled write breaks the
-    # shared HTTP/2 connection).
-    departure = Departure()
-    responder.on_gone(departure.left)
-    response = await app.upstream.open({**body, "model": model}, departure)
-    departure.stop_with(lambda: app.spawn(stop_upstream(response)))
+    response, departure = await open_for_client(
+        responder.on_gone, app.spawn, lambda departure: app.upstream.open({**body, "model": model}, departure))
     reader = ChunkReader()
+    chunks = response.aiter_bytes()
     decoder = SSEDecoder()
     began = False
     try:
@@ -73,16 +69,19 @@ async def chat_chunks(app, body: dict, responder: Responder,
         if opened is not None:
             await opened()
         try:
-            async for raw in response.aiter_bytes():
+            async for raw in chunks:
                 for event, data in decoder.feed(raw):
                     chunk = reader.chunk(event, data)
                     if chunk is not None:
                         began = True
                         yield split.transform(chunk)
-                if reader.done and (tail := split.finish()):
-                    yield {"choices": tail}  # text held back as a possible tag, after all
-                if reader.done or responder.gone:
-                    return  # [DONE] completes the answer, whatever the connection does next
+                if responder.gone:
+                    return
+                if reader.done:  # [DONE] completes the answer, whatever the connection does next
+                    if tail := split.finish():
+                        yield {"choices": tail}  # text held back as a possible tag, after all
+                    await finish_upstream(response, chunks, app.spawn)
+                    return
             failure = incomplete_failure()
         except UpstreamStreamError as exc:
             failure = stream_error_failure(exc.error)

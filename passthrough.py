@@ -18,7 +18,7 @@ import httpx
 from chat import wants_usage
 from errors import ProxyError, answer_failure, answer_too_large, key_route_missing
 from sse import StreamRelay, dumps, error_frame
-from upstream import Departure, stop_upstream
+from upstream import open_for_client
 
 ANSWER_LIMIT = 64 * 1024 * 1024  # bytes of one non-streamed answer held before it is sent on
 _PART_HEAD_LIMIT = 4096          # bytes of one multipart part's headers looked at
@@ -120,10 +120,8 @@ class KeyEndpoints:
             return url, {"authorization": token, "content-type": content_type,
                          "accept": "application/json, text/event-stream"}, content
 
-        departure = Departure()  # before opening: a client gone meanwhile stops the attempt
-        responder.on_gone(departure.left)
-        response = await self.upstream.open_on(route, build, departure)
-        departure.stop_with(lambda: self.spawn(stop_upstream(response)))
+        response, _ = await open_for_client(
+            responder.on_gone, self.spawn, lambda departure: self.upstream.open_on(route, build, departure))
         return response
 
     async def _answer(self, response: httpx.Response, responder, asked: str | None) -> None:

@@ -37,8 +37,8 @@ from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, Upstr
 from passthrough import KeyEndpoints
 from reasoning import ChunkSplit, starts_thinking
 from tokens import TokenManager
-from upstream import (AccountRoute, ApiKeyRoute, Departure, ModelCatalog, Upstream, make_client,
-                      stop_upstream)
+from upstream import (AccountRoute, ApiKeyRoute, ModelCatalog, Upstream, finish_upstream, make_client,
+                      open_for_client)
 
 __version__ = "0.1.0"
 
@@ -47,7 +47,6 @@ log = logging.getLogger("sambaproxy")
 JSON_HEADERS = [("content-type", "application/json")]
 SSE_HEADERS = [("content-type", "text/event-stream; charset=utf-8"),
                ("cache-control", "no-cache"), ("x-accel-buffering", "no")]
-DONE_GRACE = 0.25  # seconds a complete answer's upstream has to end its body before it is closed
 
 
 class KeepAlive:
@@ -319,15 +318,8 @@ class App:
         entry = current_entry.get()
         if entry is not None:
             entry.model, entry.stream, entry.upstream = asked, wants_stream(body), True
-        # The departure hook comes first: a client that leaves while upstream is being
-        # opened stops the attempt in flight, and no further attempt starts. Then it stops
-        # the upstream answer. The task awaiting upstream (this one) is never cancelled, as
-        # a task cancelled mid-write over TLS breaks a shared HTTP/2 connection for every
-        # request on it.
-        departure = Departure()
-        responder.on_gone(departure.left)
-        response = await self.upstream.open({**body, "model": model}, departure)
-        departure.stop_with(lambda: self.spawn(stop_upstream(response)))
+        response, departure = await open_for_client(
+            responder.on_gone, self.spawn, lambda departure: self.upstream.open({**body, "model": model}, departure))
         try:
             if departure.gone:
                 return
@@ -398,7 +390,7 @@ class App:
         await responder.write(tail)
         await responder.end()
         if relay.complete:
-            await self._finish_upstream(response, chunks)
+            await finish_upstream(response, chunks, self.spawn)
 
     @staticmethod
     def _stream_failed(entry: AccessEntry, error: dict) -> bytes:
@@ -435,24 +427,7 @@ class App:
         entry.note_usage(result.get("usage"))
         await responder.send(200, JSON_HEADERS, dumps(result))
         if aggregator.complete:
-            await self._finish_upstream(response, chunks)
-
-    async def _finish_upstream(self, response: httpx.Response, chunks) -> None:
-        """Give a complete answer's upstream a moment to end its framing, then close it.
-
-        Upstream normally ends the body right after [DONE], and reading that end keeps an
-        HTTP/1.1 connection reusable; one that lingers (or drops) is closed after DONE_GRACE
-        seconds without waiting for EOF. The client has its whole answer already.
-        """
-        loop = asyncio.get_running_loop()
-        closer = loop.call_later(DONE_GRACE, lambda: self.spawn(stop_upstream(response)))
-        try:
-            async for _ in chunks:
-                pass
-        except (httpx.HTTPError, httpx.StreamError):
-            pass  # the answer was complete: what the connection does now is no one's error
-        finally:
-            closer.cancel()
+            await finish_upstream(response, chunks, self.spawn)
 
     async def list_models(self, request: Request, responder: Responder) -> None:
         models = await self.catalog.models()

@@ -41,6 +41,7 @@ BROWSER_HEADERS = {
     "user-agent": USER_AGENT,
 }
 ERROR_BODY_LIMIT = 65536
+DONE_GRACE = 0.25  # seconds a complete answer's upstream has to end its body before it is closed
 KNOWN_MODELS = (
     "DeepSeek-R1",
     "DeepSeek-V3-0324",
@@ -507,6 +508,38 @@ class ModelCatalog:
 
     def _builtin(self) -> list[dict]:
         return [self._normalise({"id": model_id}) for model_id in KNOWN_MODELS]
+
+
+async def open_for_client(on_gone, spawn, open_attempts) -> tuple[httpx.Response, Departure]:
+    """Open an upstream answer for one client, stopped (never cancelled) when the client leaves.
+
+    The departure hook comes first: a client that leaves while upstream is being opened stops
+    the attempt in flight, and no further attempt starts; once open, it stops the answer. The
+    task awaiting upstream is never cancelled, as a task cancelled mid-write over TLS breaks a
+    shared HTTP/2 connection for every request on it.
+    """
+    departure = Departure()
+    on_gone(departure.left)
+    response = await open_attempts(departure)
+    departure.stop_with(lambda: spawn(stop_upstream(response)))
+    return response, departure
+
+
+async def finish_upstream(response: httpx.Response, chunks, spawn, grace: float = DONE_GRACE) -> None:
+    """Give a complete answer's upstream `grace` seconds to end its framing, then close it.
+
+    Upstream normally ends the body right after [DONE], and reading that end keeps an HTTP/1.1
+    connection reusable; one that lingers (or drops) is closed without waiting for EOF. The
+    client has its whole answer already.
+    """
+    closer = asyncio.get_running_loop().call_later(grace, lambda: spawn(stop_upstream(response)))
+    try:
+        async for _ in chunks:
+            pass
+    except (httpx.HTTPError, httpx.StreamError):
+        pass  # the answer was complete: what the connection does now is no one's error
+    finally:
+        closer.cancel()
 
 
 async def stop_upstream(response: httpx.Response) -> None:
