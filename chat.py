@@ -1,6 +1,8 @@
 """Chat completion requests: validation of the client's body and the upstream payloads built from it.
 
 Sans-IO: plain bytes and dicts in, dicts out; the routes in upstream.py send what this builds.
+ChunkTranslator is the common base of the translators (responses.py, messages.py) that turn
+the chat chunks of one answer into another API's events.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ class RequestError(Exception):
         self.param = param
 
 
-def parse_chat_request(raw: bytes) -> dict:
-    """Parse a chat completion body, refusing what upstream would fail on less clearly."""
+def json_object(raw: bytes) -> dict:
+    """A request body that must be one JSON object (every API's bodies are)."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
@@ -29,6 +31,46 @@ def parse_chat_request(raw: bytes) -> dict:
                            "expected a JSON object.") from None
     if not isinstance(body, dict):
         raise RequestError("The request body must be a JSON object.")
+    return body
+
+
+class ChunkTranslator:
+    """Reads the chat chunks of one answer (choice 0, as these APIs have one answer) into events.
+
+    Subclasses emit through `events` in `_add_delta`; every method returns the events to send
+    as (name, payload) pairs.
+    """
+
+    def __init__(self) -> None:
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.events: list[tuple[str, dict]] = []
+
+    def _take(self) -> list[tuple[str, dict]]:
+        events, self.events = self.events, []
+        return events
+
+    def add(self, chunk: dict) -> list[tuple[str, dict]]:
+        """The events of one chat.completion.chunk."""
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                self._add_delta(delta)
+            if choice.get("finish_reason") is not None:
+                self.finish_reason = choice["finish_reason"]
+        return self._take()
+
+    def _add_delta(self, delta: dict) -> None:
+        raise NotImplementedError
+
+
+def parse_chat_request(raw: bytes) -> dict:
+    """Parse a chat completion body, refusing what upstream would fail on less clearly."""
+    body = json_object(raw)
     if "messages" not in body:
         raise RequestError("Missing required parameter: 'messages'.", "messages")
     messages = body["messages"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 
-from chat import RequestError
+from chat import ChunkTranslator, RequestError, json_object
 from sse import dumps
 
 # Anthropic's error types by HTTP status (docs.claude.com/en/api/errors).
@@ -51,13 +51,7 @@ def new_id(prefix: str) -> str:
 
 def parse_messages_request(raw: bytes) -> dict:
     """Parse and check a Messages body; RequestError names the offending field."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise RequestError("We could not parse the JSON body of your request: "
-                           "expected a JSON object.") from None
-    if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object.")
+    body = json_object(raw)
     for field, why in UNSUPPORTED_FIELDS.items():
         if body.get(field):
             raise RequestError(f"{field}: not supported by this proxy ({why}).", field)
@@ -269,7 +263,7 @@ def encode_event(name: str, payload: dict) -> bytes:
     return b"event: %b\ndata: %b\n\n" % (name.encode(), dumps(payload))
 
 
-class MessageStream:
+class MessageStream(ChunkTranslator):
     """Turns chat chunks into Anthropic's events while building the final message.
 
     Blocks are sequential, as Anthropic's are: one open at a time (thinking, text, tool_use),
@@ -278,6 +272,7 @@ class MessageStream:
     """
 
     def __init__(self, model: str, thinking: bool) -> None:
+        super().__init__()
         self.thinking = thinking
         self.message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
                         "content": [], "stop_reason": None, "stop_sequence": None,
@@ -286,36 +281,15 @@ class MessageStream:
         self.kind: str | None = None
         self.calls: dict[int, dict] = {}       # chat tool-call index -> its tool_use block
         self.arguments: dict[int, list[str]] = {}
-        self.finish_reason: str | None = None
-        self.usage: dict | None = None
-        self.events: list[tuple[str, dict]] = []
 
     def _emit(self, event: str, /, **fields) -> None:
         self.events.append((event, {"type": event, **fields}))
-
-    def _take(self) -> list[tuple[str, dict]]:
-        events, self.events = self.events, []
-        return events
 
     def start(self) -> list[tuple[str, dict]]:
         """message_start, then a ping, as Anthropic begins every stream."""
         self._emit("message_start", message={**self.message, "content": [],
                                              "usage": dict(self.message["usage"])})
         self._emit("ping")
-        return self._take()
-
-    def add(self, chunk: dict) -> list[tuple[str, dict]]:
-        """The events of one chat.completion.chunk."""
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue  # a Messages answer is one message: choice 0
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                self._add_delta(delta)
-            if choice.get("finish_reason") is not None:
-                self.finish_reason = choice["finish_reason"]
         return self._take()
 
     def _add_delta(self, delta: dict) -> None:

@@ -13,7 +13,7 @@ import json
 import secrets
 import time
 
-from chat import RequestError
+from chat import ChunkTranslator, RequestError, json_object
 from sse import dumps
 
 # Fields of the Responses API this gateway cannot honour over chat completions: refused
@@ -39,13 +39,7 @@ def new_id(prefix: str) -> str:
 
 def parse_responses_request(raw: bytes) -> dict:
     """Parse and check a Responses create body; RequestError names the offending field."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise RequestError("We could not parse the JSON body of your request: "
-                           "expected a JSON object.") from None
-    if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object.")
+    body = json_object(raw)
     for field, why in UNSUPPORTED_FIELDS.items():
         if body.get(field) not in (None, False):
             raise RequestError(f"'{field}' is not supported by this proxy: {why}.", field)
@@ -276,7 +270,7 @@ def encode_event(name: str, payload: dict) -> bytes:
     return b"event: %b\ndata: %b\n\n" % (name.encode(), dumps(payload))
 
 
-class ResponseStream:
+class ResponseStream(ChunkTranslator):
     """Turns chat chunks into Responses events while building the final response object.
 
     Items open in the order the model produces them (reasoning, message text, function calls);
@@ -285,41 +279,21 @@ class ResponseStream:
     """
 
     def __init__(self, body: dict, model: str) -> None:
+        super().__init__()
         self.response = response_object(body, model, new_id("resp_"), int(time.time()))
         self.sequence = 0
         self.current: dict | None = None        # the open reasoning or message item
         self.calls: dict[int, dict] = {}         # chat tool-call index -> its function_call item
         self.open_calls: list[dict] = []
-        self.finish_reason: str | None = None
-        self.usage: dict | None = None
-        self.events: list[tuple[str, dict]] = []
 
     def _emit(self, event: str, /, **fields) -> None:
         self.events.append((event, {"type": event, "sequence_number": self.sequence, **fields}))
         self.sequence += 1
 
-    def _take(self) -> list[tuple[str, dict]]:
-        events, self.events = self.events, []
-        return events
-
     def start(self) -> list[tuple[str, dict]]:
         """response.created and response.in_progress."""
         self._emit("response.created", response=_snapshot(self.response))
         self._emit("response.in_progress", response=_snapshot(self.response))
-        return self._take()
-
-    def add(self, chunk: dict) -> list[tuple[str, dict]]:
-        """The events of one chat.completion.chunk."""
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue  # the Responses API has one answer: choice 0
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                self._add_delta(delta)
-            if choice.get("finish_reason") is not None:
-                self.finish_reason = choice["finish_reason"]
         return self._take()
 
     def _add_delta(self, delta: dict) -> None:
