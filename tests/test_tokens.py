@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import json
 import logging
 import os
@@ -404,7 +405,14 @@ async def test_unexpected_login_exception_backs_off(make, clock):
     manager = make(fake)
     await manager.start()
     await clock.until_sleeping()
-    assert manager.info()["last_error"] == "login failed: RuntimeError at test_tokens.py:121"
+    where = f"{os.path.basename(__file__)}:{line_of(FakeLogin.__call__, 'raise result')}"
+    assert manager.info()["last_error"] == f"login failed: RuntimeError at {where}"
+
+
+def line_of(function, statement: str) -> int:
+    """The line number of `statement` in `function`'s source: looked up, so editing the file moves it too."""
+    lines, first = inspect.getsourcelines(function)
+    return first + next(i for i, line in enumerate(lines) if line.strip() == statement)
 
 
 async def test_a_login_past_login_timeout_is_a_failed_attempt_that_backs_off(make, clock):
