@@ -113,9 +113,10 @@ def split_text(text: str, implicit: bool = False) -> tuple[str | None, str]:
     """(reasoning or None, answer) of a whole content string, for a stream: false answer.
 
     With `implicit` (REASONING_MODELS), an answer with no `</think>` at all and no opening
-    tag is content after all: the model did not think aloud.
+    tag is content after all: the model did not think aloud. Without it, only an opening tag
+    starts reasoning, so most answers return at once (no splitter on each request).
     """
-    if implicit and CLOSE not in text and not text.lstrip().startswith(OPEN):
+    if not text.lstrip().startswith(OPEN) and (not implicit or CLOSE not in text):
         return None, text
     splitter = ThinkSplitter(implicit)
     reasoning, answer = splitter.feed(text)

@@ -199,6 +199,7 @@ def _load_chunk(event: str, data: bytes) -> dict | None:
 _CREATED_KEY = b'"created":'
 _CONTENT_KEY = b'"content":"'
 _THINKING_KEYS = b'"content":"","reasoning_content":"'
+_CHOICES_KEY = b'"choices":['
 _CREATED_VALUE = re.compile(rb"(-?\d+)(\.\d*)?(?=[,}])")
 
 
@@ -317,7 +318,8 @@ class StreamRelay(_ChunkReader):
     """
 
     __slots__ = ("include_usage", "usage", "model", "split", "object", "id_prefix", "last", "_id", "_created",
-                 "_upstream_model", "_id_bytes", "_id_to", "_model_bytes", "_model_to", "_object_bytes")
+                 "_upstream_model", "_id_bytes", "_id_to", "_model_bytes", "_model_to", "_object_bytes",
+                 "_head", "_head_frame")
 
     def __init__(self, include_usage: bool, *, model: str | None = None, split=None,
                  object: str = "chat.completion.chunk", id_prefix: str = "chatcmpl-") -> None:
@@ -339,6 +341,8 @@ class StreamRelay(_ChunkReader):
         self._model_bytes: bytes | None = None
         self._model_to: bytes | None = None
         self._object_bytes = _key_value(b'"object":', object)
+        self._head: bytes | None = None  # a chunk's bytes before `"choices":[`, as upstream repeats them
+        self._head_frame = b""  # `data: ` and those bytes as _fast_frame fixes them
 
     def relay(self, event: str, data: bytes) -> bytes | None:
         """The frame to send for one upstream event, or None when the client must not see it."""
@@ -370,6 +374,10 @@ class StreamRelay(_ChunkReader):
 
     def _fast_frame(self, data: bytes) -> bytes | None:
         """The frame of an ordinary chunk, judged and fixed as bytes; None when unsure."""
+        head = self._head
+        if head is not None and data.startswith(head) and self._plain_after(data, len(head)):
+            return self._head_frame + data[len(head):] + b"\n\n"
+        upstream = data
         split = self.split
         if split is not None:
             if split.marker in data:
@@ -386,7 +394,43 @@ class StreamRelay(_ChunkReader):
         data = _swap(data, self._model_bytes, self._model_to)
         if data is None or self._object_bytes not in data:
             return None
-        return _plain_chunk_frame(data)
+        frame = _plain_chunk_frame(data)
+        if frame is not None and head is None:
+            self._learn_head(upstream, frame)
+        return frame
+
+    def _learn_head(self, data: bytes, frame: bytes) -> None:
+        """Keep the bytes before `"choices":[` of a chunk and of its frame, when every fix was made in them.
+
+        Upstream repeats them in every chunk of a stream (id, object, created, model), so later
+        chunks that start with them only need the checks of their choices (_plain_after).
+        """
+        cut = data.find(_CHOICES_KEY)
+        head, rest = data[:cut], data[cut:]
+        if cut <= 0 or b"\n" in data or b"\r" in data or not frame.endswith(rest + b"\n\n"):
+            return
+        if not (self._id_bytes in head and self._model_bytes in head and self._object_bytes in head
+                and _CREATED_KEY in head):
+            return
+        if b'"usage"' in head or b'"error"' in head or b'"index":' in head or (
+                self.split is not None and self.split.marker in head):
+            return
+        self._head, self._head_frame = head, frame[:len(frame) - len(rest) - 2]
+
+    def _plain_after(self, data: bytes, start: int) -> bool:
+        """Whether a chunk starting with the known head needs no change past it (_fast_frame's checks)."""
+        split = self.split
+        if split is not None:
+            if not split.plain or data.find(split.marker, start) >= 0:
+                return False
+            if split.format != "raw" and data.count(b'"index":', start) != data.count(b'"index":0', start):
+                return False
+        if not data.startswith(_CHOICES_KEY, start) or data[-1:] != b"}" or b"\n" in data or b"\r" in data:
+            return False
+        if data.find(b'"error"', start) >= 0 or data.find(_CREATED_KEY, start) >= 0:
+            return False
+        usages = data.count(b'"usage"', start)
+        return not usages or usages == data.count(b'"usage":null', start)
 
     def _shape(self, chunk: dict) -> bool:
         """Give a parsed chunk OpenAI's id, created, model and object; True if any changed."""

@@ -8,6 +8,7 @@ import re
 import pytest
 
 import sse
+from reasoning import ChunkSplit
 from chat import RequestError, api_payload, env_type, new_fingerprint, parse_chat_request, samba_payload
 import chat
 from sse import DONE, CompletionAggregator, StreamRelay, UpstreamStreamError, encode
@@ -85,6 +86,53 @@ def test_relay_forwards_sambanova_chunks_without_parsing_them(monkeypatch, usage
     monkeypatch.setattr(sse.json, "loads", lambda raw: pytest.fail("parsed a plain chunk"))
     frame = relay.relay("message", data)
     assert frame == b"data: " + data.replace(b"1732700000.5", b"1732700000") + b"\n\n"
+
+
+HEAD = b'{"id":"c1","object":"chat.completion.chunk","created":1732700000.5,"model":"m","system_fingerprint":"f",'
+AFTER_HEAD = [  # what may follow a stream's repeated head: each must leave as the full parse makes it
+    b'"choices":[{"index":0,"delta":{"content":"w"},"finish_reason":null,"logprobs":null}]}',
+    b'"choices":[{"index":0,"delta":{"content":"say \\"created\\":2.5, \\"error\\""}}],"usage":null}',
+    b'"choices":[{"index":0,"delta":{"content":"w"}}],"usage":{"prompt_tokens":1,"completion_tokens":2}}',
+    b'"choices":[{"index":0,"delta":{},"x":{"created":3.5}}]}',
+    b'"choices":[{"index":1,"delta":{"content":"other choice"}}]}',
+    b'"choices":[{"index":0,"delta":{"reasoning":"upstream thinking"}}]}',
+    b'"choices":[\n{"index":0,"delta":{"content":"w"}}]}',
+    b'"choices":[{"index":0,"delta":{"content":"w"}}]} ',
+    b'"choices":[{"index":0,"delta":{"content":"w"}}],"created":7}',
+    b'"choices":[{"index":0,"delta":{"content":"<think>late tag"}}]}',
+    b'"choices":[{"index":0,"delta":{"content":"w"}}],"error":{"message":"boom"}}',
+]
+
+
+def relay_outcomes(events: list[bytes], format: str | None) -> list:
+    """Each event's frame as the client's object (or the error it raises), by one relay."""
+    relay = StreamRelay(False, model="alias", split=ChunkSplit(format) if format else None)
+    outcomes = []
+    for data in events:
+        try:
+            frame = relay.relay("message", data)
+            outcomes.append(frame and [(event, json.loads(d)) for event, d in decode_all(frame)])
+        except UpstreamStreamError as exc:
+            outcomes.append(exc.error)
+    return outcomes
+
+
+@pytest.mark.parametrize("format", [None, "parsed", "raw", "hidden"])
+@pytest.mark.parametrize("after", AFTER_HEAD)
+def test_relay_head_path_matches_the_byte_path_and_the_full_parse(monkeypatch, format, after):
+    plain = HEAD + AFTER_HEAD[0]
+    events = [HEAD + b'"choices":[{"index":0,"delta":{"role":"assistant","content":"Hi"}}]}', plain, plain,
+              HEAD + after, plain, HEAD.replace(b'"c1"', b'"c2"') + AFTER_HEAD[0], plain]
+    relay = StreamRelay(False, model="alias", split=ChunkSplit(format) if format else None)
+    for data in events[:3]:
+        relay.relay("message", data)
+    assert relay._head == HEAD  # learned: the later events take the head path where they can
+    with_head = relay_outcomes(events, format)
+    monkeypatch.setattr(StreamRelay, "_learn_head", lambda self, data, frame: None)
+    byte_path = relay_outcomes(events, format)
+    monkeypatch.setattr(sse, "_plain_chunk_frame", lambda data: None)
+    monkeypatch.setattr(sse, "_thinking_chunk", lambda data, format: None)
+    assert with_head == byte_path == relay_outcomes(events, format)
 
 
 @pytest.mark.parametrize("fields", [{}, {"choices": None}, {"choices": {"index": 0}}],
