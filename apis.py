@@ -28,7 +28,7 @@ from responses import chat_body as responses_chat_body
 from responses import encode_event as responses_event
 from sse import KEEPALIVE, ChunkReader, SSEDecoder, UpstreamStreamError, dumps
 from reasoning import ChunkSplit, starts_thinking
-from upstream import finish_upstream, open_for_client
+from departure import finish_upstream, open_for_client
 
 log = logging.getLogger("sambaproxy.apis")
 

@@ -18,7 +18,7 @@ import httpx
 from chat import wants_usage
 from errors import ProxyError, answer_failure, answer_too_large, key_route_missing
 from sse import StreamRelay, dumps, error_frame
-from upstream import open_for_client
+from departure import open_for_client
 
 ANSWER_LIMIT = 64 * 1024 * 1024  # bytes of one non-streamed answer held before it is sent on
 _PART_HEAD_LIMIT = 4096          # bytes of one multipart part's headers looked at

@@ -32,13 +32,13 @@ from sd_notify import notify
 from server import ClientGone, Rejection, Request, Responder, Server
 from chat import RequestError, parse_chat_request, reasoning_format, wants_stream, wants_usage
 from errors import ProxyError, answer_failure, error_body, incomplete_failure, stream_error_failure
-from sse import (KEEPALIVE, CompletionAggregator, SSEDecoder, StreamRelay, UpstreamStreamError,
-                 dumps, error_frame)
+from aggregate import CompletionAggregator
+from sse import KEEPALIVE, SSEDecoder, StreamRelay, UpstreamStreamError, dumps, error_frame
 from passthrough import KeyEndpoints
 from reasoning import ChunkSplit, starts_thinking
 from tokens import TokenManager
-from upstream import (AccountRoute, ApiKeyRoute, ModelCatalog, Upstream, finish_upstream, make_client,
-                      open_for_client)
+from departure import finish_upstream, open_for_client
+from upstream import AccountRoute, ApiKeyRoute, ModelCatalog, Upstream, make_client
 
 __version__ = "0.1.0"
 

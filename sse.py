@@ -1,8 +1,8 @@
 """Sans-IO Server-Sent Events and OpenAI chat-completion transforms for sambaproxy.
 
 No sockets, no event loop: the decoder turns bytes into events, the relay turns events
-into client frames, the aggregator into one completion (chat.py validates requests and
-builds upstream payloads). Tested with byte strings
+into client frames (aggregate.py folds them into one completion; chat.py validates
+requests and builds upstream payloads). Tested with byte strings
 (tests/test_sse_decoder.py, tests/test_sse_relay.py).
 """
 from __future__ import annotations
@@ -12,14 +12,11 @@ import re
 import secrets
 import time
 
-from reasoning import split_message
-
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
 _BOM = b"\xef\xbb\xbf"
 _DONE_DATA = b"[DONE]"
-_REASONING_KEYS = ("reasoning_content", "reasoning")
 _MAX_ERROR_TEXT = 1000
 # One encoder made once: json.dumps(**options) would build a new one per call.
 _encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -254,8 +251,10 @@ def _thinking_chunk(data: bytes, format: str) -> bytes | None:
     return data[:start] + data[end:]
 
 
-class _ChunkReader:
-    """What relay and aggregation share: [DONE], events that are not JSON, error events, the end.
+class ChunkReader:
+    """Upstream events as chunk dicts: what relay, aggregation and other APIs' translators share.
+
+    It handles [DONE], events that are not JSON, error events and the end of an answer.
 
     An answer is `complete` once [DONE] or a usage object has arrived (upstream is always
     asked for usage, and sends it last): nothing upstream does afterwards can change it.
@@ -263,8 +262,14 @@ class _ChunkReader:
 
     __slots__ = ("done", "skipped", "complete")
 
-    def _next_chunk(self, event: str, data: bytes) -> dict | None:
-        """The chunk of one event, or None for [DONE] and for events the client must not see."""
+    def __init__(self) -> None:
+        self.done = False   # upstream sent [DONE]
+        self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
+        self.complete = False  # [DONE] or the usage chunk arrived: the answer is whole
+
+    def chunk(self, event: str, data: bytes) -> dict | None:
+        """The chunk of one event, or None for [DONE] and for events the client must not see;
+        raises UpstreamStreamError for an error event."""
         if data == _DONE_DATA or self.done:
             self.done = self.complete = True
             return None
@@ -290,25 +295,10 @@ def _ends_a_choice(data: bytes | None) -> bool:
                                          for c in choices)
 
 
-class ChunkReader(_ChunkReader):
-    """Upstream events as chunk dicts, for translators of other APIs (apis.py); None for the rest."""
-
-    __slots__ = ()
-
-    def __init__(self) -> None:
-        self.done = False   # upstream sent [DONE]
-        self.skipped = 0    # events dropped as not JSON objects
-        self.complete = False  # [DONE] or the usage chunk arrived: the answer is whole
-
-    def chunk(self, event: str, data: bytes) -> dict | None:
-        """The chunk of one event; raises UpstreamStreamError for an error event."""
-        return self._next_chunk(event, data)
-
-
 # --- stream: true ------------------------------------------------------------------
 
 
-class StreamRelay(_ChunkReader):
+class StreamRelay(ChunkReader):
     """Turns upstream chunk events into client frames, re-encoding only chunks that must change.
 
     Every chunk leaves in OpenAI's shape: an `id` starting with `id_prefix`, an int
@@ -329,9 +319,7 @@ class StreamRelay(_ChunkReader):
         self.split = split    # a reasoning.ChunkSplit, or None
         self.object = object
         self.id_prefix = id_prefix
-        self.done = False   # upstream sent [DONE]
-        self.skipped = 0    # events dropped as not JSON objects (the caller may log this)
-        self.complete = False  # [DONE] or the usage chunk arrived: the answer is whole
+        super().__init__()
         self.last: bytes | None = None  # the last event's data, judged only if upstream stops early
         self._id: str | None = None             # the id chunks leave with
         self._created: int | None = None
@@ -351,7 +339,7 @@ class StreamRelay(_ChunkReader):
             frame = self._fast_frame(data)
             if frame is not None:
                 return frame
-        chunk = self._next_chunk(event, data)
+        chunk = self.chunk(event, data)
         if chunk is None:
             return None
         changed = False
@@ -491,154 +479,3 @@ class StreamRelay(_ChunkReader):
         """Whether the client has its whole answer should upstream stop now: the answer is
         complete, or it asked for no usage and the last chunk had its finish_reason."""
         return self.complete or (not self.include_usage and _ends_a_choice(self.last))
-
-
-# --- stream: false -----------------------------------------------------------------
-
-
-class _ChoiceState:
-    """What one choice index has accumulated across deltas."""
-
-    __slots__ = ("role", "content", "reasoning", "tool_calls", "finish_reason", "logprobs")
-
-    def __init__(self) -> None:
-        self.role: str | None = None
-        self.content: list[str] = []
-        self.reasoning: dict[str, list[str]] = {}
-        self.tool_calls: dict[int, dict] = {}
-        self.finish_reason: str | None = None
-        self.logprobs: list | None = None
-
-    def add(self, choice: dict) -> None:
-        """Merge one streamed choice delta."""
-        delta = choice.get("delta") or choice.get("message")
-        if not isinstance(delta, dict):
-            delta = {}
-        if isinstance(delta.get("role"), str):
-            self.role = delta["role"]
-        if isinstance(delta.get("content"), str):
-            self.content.append(delta["content"])
-        for key in _REASONING_KEYS:  # gpt-oss: "reasoning"; others: "reasoning_content"
-            if isinstance(delta.get(key), str):
-                self.reasoning.setdefault(key, []).append(delta[key])
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list):
-            for position, call in enumerate(calls):
-                if isinstance(call, dict):
-                    self._add_tool_call(position, call)
-        if choice.get("finish_reason") is not None:
-            self.finish_reason = choice["finish_reason"]
-        logprobs = choice.get("logprobs")
-        if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
-            if self.logprobs is None:
-                self.logprobs = []
-            self.logprobs.extend(logprobs["content"])  # in place: a long answer stays linear
-
-    def _add_tool_call(self, position: int, delta: dict) -> None:
-        """Merge a tool-call fragment into the call with the same index."""
-        index = delta.get("index")
-        if type(index) is not int:
-            index = position
-        call = self.tool_calls.get(index)
-        if call is None:
-            call = self.tool_calls[index] = {"id": None, "type": "function", "name": "", "args": []}
-        if delta.get("id"):
-            call["id"] = delta["id"]
-        if delta.get("type"):
-            call["type"] = delta["type"]
-        function = delta.get("function")
-        if isinstance(function, dict):
-            name = function.get("name")
-            # Names usually come once; some servers repeat the whole name in every delta.
-            if isinstance(name, str) and name and name != call["name"]:
-                call["name"] += name
-            if isinstance(function.get("arguments"), str):
-                call["args"].append(function["arguments"])
-
-    def result(self, index: int) -> dict:
-        """The choice as a chat.completion choice object."""
-        calls = [{"id": c["id"] or "call_" + secrets.token_hex(12), "type": c["type"],
-                  "function": {"name": c["name"], "arguments": "".join(c["args"])}}
-                 for _, c in sorted(self.tool_calls.items())]
-        message: dict = {"role": self.role or "assistant",
-                         "content": "".join(self.content) if self.content or not calls else None}
-        for key, parts in self.reasoning.items():
-            message[key] = "".join(parts)
-        if calls:
-            message["tool_calls"] = calls
-        finish = self.finish_reason or ("tool_calls" if calls else "stop")
-        logprobs = None if self.logprobs is None else {"content": self.logprobs}
-        return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
-
-
-class CompletionAggregator(_ChunkReader):
-    """Folds an upstream chunk stream into the one chat.completion a stream:false client gets."""
-
-    def __init__(self, model: str = "", *, reasoning: str | None = None, implicit: bool = False) -> None:
-        self.done = False
-        self.skipped = 0
-        self.complete = False
-        self._asked_model = model     # the name the client asked for; upstream's if empty
-        self._reasoning = reasoning   # a reasoning format (reasoning.py), or None to leave messages alone
-        self._implicit = implicit     # the model begins inside a thinking block (REASONING_MODELS)
-        self._model: str | None = None
-        self._id: str | None = None
-        self._created: int | None = None
-        self._fingerprint: str | None = None
-        self._usage: dict | None = None
-        self._choices: dict[int, _ChoiceState] = {}
-
-    def add(self, event: str, data: bytes) -> None:
-        """Merge one upstream event; raises UpstreamStreamError for an error event."""
-        chunk = self._next_chunk(event, data)
-        if chunk is None:
-            return
-        self._add_meta(chunk)
-        choices = chunk.get("choices")
-        if isinstance(choices, list):
-            for choice in choices:
-                if isinstance(choice, dict):
-                    index = choice.get("index")
-                    index = index if type(index) is int else 0
-                    state = self._choices.get(index) or self._choices.setdefault(index, _ChoiceState())
-                    state.add(choice)
-
-    def whole(self) -> bool:
-        """Whether the answer is whole should upstream stop now: complete, or every choice
-        has its finish_reason (usage then counts as zero, as when upstream sends none)."""
-        return self.complete or bool(self._choices) and all(
-            state.finish_reason is not None for state in self._choices.values())
-
-    def _add_meta(self, chunk: dict) -> None:
-        """Keep the completion-level fields: the first id/model/created, the last usage."""
-        if self._id is None and isinstance(chunk.get("id"), str):
-            self._id = chunk["id"]
-        if self._model is None and isinstance(chunk.get("model"), str):
-            self._model = chunk["model"]
-        created = chunk.get("created")
-        if self._created is None and isinstance(created, (int, float)) and not isinstance(created, bool):
-            self._created = int(created)
-        if isinstance(chunk.get("system_fingerprint"), str):
-            self._fingerprint = chunk["system_fingerprint"]
-        if isinstance(chunk.get("usage"), dict):
-            self._usage = chunk["usage"]
-
-    def result(self) -> dict:
-        """The aggregated chat.completion object; usage is zeros if upstream sent none."""
-        choices = sorted(self._choices.items()) or [(0, _ChoiceState())]
-        upstream_id = self._id or secrets.token_hex(12)
-        completion: dict = {
-            "id": upstream_id if upstream_id.startswith("chatcmpl-") else "chatcmpl-" + upstream_id,
-            "object": "chat.completion",
-            "created": self._created if self._created is not None else int(time.time()),
-            "model": self._asked_model or self._model or "",
-        }
-        if self._fingerprint is not None:
-            completion["system_fingerprint"] = self._fingerprint
-        completion["choices"] = [state.result(index) for index, state in choices]
-        if self._reasoning is not None:
-            for choice in completion["choices"]:
-                split_message(choice["message"], self._reasoning, self._implicit)
-        completion["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-                               **(self._usage or {})}
-        return completion

@@ -33,7 +33,8 @@ from hypercorn.config import Config as HypercornConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat import new_fingerprint, samba_payload  # noqa: E402
-from sse import CompletionAggregator, SSEDecoder  # noqa: E402
+from aggregate import CompletionAggregator  # noqa: E402
+from sse import SSEDecoder  # noqa: E402
 from upstream import BROWSER_HEADERS  # noqa: E402
 
 TOKEN = os.environ.get("SEED_TOKEN", "")

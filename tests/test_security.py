@@ -387,7 +387,7 @@ def test_relay_is_complete_at_done_or_usage_and_whole_at_a_finish_without_usage_
 
 
 def test_aggregator_is_whole_once_every_choice_has_finished():
-    from sse import CompletionAggregator
+    from aggregate import CompletionAggregator
     aggregator = CompletionAggregator("m")
     aggregator.add("message", _chunk())
     assert not aggregator.whole()
@@ -399,10 +399,10 @@ def test_aggregator_is_whole_once_every_choice_has_finished():
 
 async def test_an_attempt_ends_itself_at_the_next_step_once_its_client_has_gone():
     from server import ClientGone
-    from upstream import Departure, _Attempt
+    from departure import Attempt, Departure
     departure = Departure()
     async with httpx.AsyncClient() as client:
-        attempt = _Attempt(client, departure, set())
+        attempt = Attempt(client, departure, set())
         await attempt.trace("connection.connect_tcp.started", {})  # still here: nothing happens
         departure.left()
         await attempt.trace("http11.response_closed.started", {})  # cleanup steps always run
@@ -413,7 +413,7 @@ async def test_an_attempt_ends_itself_at_the_next_step_once_its_client_has_gone(
 
 
 def test_departure_stops_what_is_in_flight_once():
-    from upstream import Departure
+    from departure import Departure
     stopped = []
     departure = Departure()
     departure.stop_with(lambda: stopped.append("attempt"))

@@ -11,7 +11,8 @@ import sse
 from reasoning import ChunkSplit
 from chat import RequestError, api_payload, env_type, new_fingerprint, parse_chat_request, samba_payload
 import chat
-from sse import DONE, CompletionAggregator, StreamRelay, UpstreamStreamError, encode
+from aggregate import CompletionAggregator
+from sse import DONE, StreamRelay, UpstreamStreamError, encode
 from test_sse_decoder import decode_all
 
 

@@ -14,7 +14,7 @@ import pytest
 from config import Config
 from upstream import make_client
 from server import ClientGone, Server
-from upstream import cancel_http2_stream
+from departure import cancel_http2_stream
 
 WAIT = 5.0
 
