@@ -34,6 +34,14 @@ def json_object(raw: bytes) -> dict:
     return body
 
 
+def required_string(item: dict, key: str, where: str) -> str:
+    """A field that must be a string, or a RequestError naming it (`where.key`)."""
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise RequestError(f"Missing or invalid parameter: '{where}.{key}' (a string).", f"{where}.{key}")
+    return value
+
+
 class ChunkTranslator:
     """Reads the chat chunks of one answer (choice 0, as these APIs have one answer) into events.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 
-from chat import ChunkTranslator, RequestError, json_object
+from chat import ChunkTranslator, RequestError, json_object, required_string
 from sse import dumps
 
 # Anthropic's error types by HTTP status (docs.claude.com/en/api/errors).
@@ -174,15 +174,15 @@ def _chat_messages(message: object, where: str) -> list[dict]:
         at = f"{where}.content.{j}"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            parts.append({"type": "text", "text": _str(block, "text", at)})
+            parts.append({"type": "text", "text": required_string(block, "text", at)})
         elif kind == "image":
             parts.append(_image(block, at))
         elif kind == "tool_use" and role == "assistant":
-            calls.append({"id": _str(block, "id", at), "type": "function",
-                          "function": {"name": _str(block, "name", at),
+            calls.append({"id": required_string(block, "id", at), "type": "function",
+                          "function": {"name": required_string(block, "name", at),
                                        "arguments": dumps(block.get("input") or {}).decode()}})
         elif kind == "tool_result" and role == "user":
-            tools.append({"role": "tool", "tool_call_id": _str(block, "tool_use_id", at),
+            tools.append({"role": "tool", "tool_call_id": required_string(block, "tool_use_id", at),
                           "content": _tool_result_text(block, at, images)})
         elif kind in ("thinking", "redacted_thinking"):
             continue  # earlier thinking is not sent back: chat models answer without it
@@ -204,22 +204,15 @@ def _chat_messages(message: object, where: str) -> list[dict]:
     return out
 
 
-def _str(block: dict, key: str, where: str) -> str:
-    value = block.get(key)
-    if not isinstance(value, str):
-        raise RequestError(f"{where}.{key}: expected a string.", f"{where}.{key}")
-    return value
-
-
 def _image(block: dict, where: str) -> dict:
     """An image block (base64 or url source) as a chat image_url part."""
     source = block.get("source")
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64":
         at = where + ".source"
-        url = f"data:{_str(source, 'media_type', at)};base64,{_str(source, 'data', at)}"
+        url = f"data:{required_string(source, 'media_type', at)};base64,{required_string(source, 'data', at)}"
     elif kind == "url":
-        url = _str(source, "url", where + ".source")
+        url = required_string(source, "url", where + ".source")
     else:
         raise RequestError(f"{where}.source: expected a 'base64' or 'url' image source.", f"{where}.source")
     return {"type": "image_url", "image_url": {"url": url}}
@@ -235,7 +228,7 @@ def _tool_result_text(block: dict, where: str, images: list[dict]) -> str:
             at = f"{where}.content.{k}"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                texts.append(_str(part, "text", at))
+                texts.append(required_string(part, "text", at))
             elif kind == "image":
                 images.append(_image(part, at))
                 texts.append(f"[image {len(images)} follows in the next user message]")

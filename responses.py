@@ -13,7 +13,7 @@ import json
 import secrets
 import time
 
-from chat import ChunkTranslator, RequestError, json_object
+from chat import ChunkTranslator, RequestError, json_object, required_string
 from sse import dumps
 
 # Fields of the Responses API this gateway cannot honour over chat completions: refused
@@ -106,7 +106,7 @@ def input_messages(body: dict) -> list[dict]:
         elif kind == "function_call":
             _add_function_call(messages, item, where)
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+            messages.append({"role": "tool", "tool_call_id": required_string(item, "call_id", where),
                              "content": _output_text(item.get("output"), where, images)})
         elif kind == "reasoning":
             continue  # earlier thinking is not sent back: chat models answer without it
@@ -116,13 +116,6 @@ def input_messages(body: dict) -> list[dict]:
     if images:
         messages.append({"role": "user", "content": images})
     return messages
-
-
-def _string(item: dict, key: str, where: str) -> str:
-    value = item.get(key)
-    if not isinstance(value, str):
-        raise RequestError(f"Missing or invalid parameter: '{where}.{key}' (a string).", f"{where}.{key}")
-    return value
 
 
 def _message(item: dict, where: str) -> dict:
@@ -149,9 +142,9 @@ def _part(part: object, where: str) -> dict:
         raise RequestError(f"Invalid type for '{where}': expected an object.", where)
     kind = part.get("type")
     if kind in TEXT_PARTS:
-        return {"type": "text", "text": _string(part, "text", where)}
+        return {"type": "text", "text": required_string(part, "text", where)}
     if kind == "refusal":
-        return {"type": "text", "text": _string(part, "refusal", where)}
+        return {"type": "text", "text": required_string(part, "refusal", where)}
     if kind == "input_image":
         if not isinstance(part.get("image_url"), str):
             raise RequestError(f"'{where}' needs an 'image_url' (file_id images are not supported "
@@ -166,8 +159,8 @@ def _part(part: object, where: str) -> dict:
 def _add_function_call(messages: list[dict], item: dict, where: str) -> None:
     """A function_call item joins the assistant turn before it, as chat's tool_calls do."""
     arguments = item.get("arguments", "")
-    call = {"id": _string(item, "call_id", where), "type": "function",
-            "function": {"name": _string(item, "name", where),
+    call = {"id": required_string(item, "call_id", where), "type": "function",
+            "function": {"name": required_string(item, "name", where),
                          "arguments": arguments if isinstance(arguments, str) else dumps(arguments).decode()}}
     last = messages[-1] if messages else None
     if last is not None and last["role"] == "assistant" and not isinstance(last.get("content"), list):
