@@ -96,10 +96,6 @@ class AccessEntry:
             parts.append(f"reason={json.dumps(self.reason)}")
         return " ".join(parts)
 
-    def note_attempt(self, route: str, outcome: str) -> None:
-        """Upstream.open's listener: remember the route tried last."""
-        self.route = route
-
     def note_usage(self, usage: object) -> None:
         """Take the token counts of an upstream usage object, if it has them."""
         if isinstance(usage, dict):

@@ -28,6 +28,7 @@ from responses import chat_body as responses_chat_body
 from responses import encode_event as responses_event
 from sse import KEEPALIVE, ChunkReader, SSEDecoder, UpstreamStreamError, dumps
 from reasoning import ChunkSplit, starts_thinking
+from accesslog import current_entry
 from departure import finish_upstream, open_for_client
 
 log = logging.getLogger("sambaproxy.apis")
@@ -44,7 +45,7 @@ class MidStreamFailure(Exception):
         self.failure = failure
 
 
-async def chat_chunks(app, body: dict, responder: Responder,
+async def chat_chunks(app, body: dict, responder: Responder, stream: bool,
                       opened: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[dict]:
     """Open upstream for a validated chat body and yield its chat.completion.chunk dicts.
 
@@ -55,14 +56,18 @@ async def chat_chunks(app, body: dict, responder: Responder,
     """
     # As for chat completions: the model name resolved (aliases, case), the reasoning split
     # (REASONING_FORMAT) applied to every chunk, so thinking arrives as reasoning_content.
-    model = app.resolve_model(body.get("model") or app.config.default_model)
+    asked = body.get("model") or app.config.default_model
+    if (entry := current_entry.get()) is not None:
+        entry.model, entry.stream, entry.upstream = asked, stream, True
+    model = app.resolve_model(asked)
     split = ChunkSplit(app.config.reasoning_format, starts_thinking(model, app.config.reasoning_models))
     response, departure = await open_for_client(
         responder.on_gone, app.spawn, lambda departure: app.upstream.open({**body, "model": model}, departure))
     reader = ChunkReader()
     chunks = response.aiter_bytes()
     decoder = SSEDecoder()
-    began = False
+    entry = current_entry.get()
+    began = finish_later = False
     try:
         if departure.gone:
             return
@@ -74,14 +79,18 @@ async def chat_chunks(app, body: dict, responder: Responder,
                     chunk = reader.chunk(event, data)
                     if chunk is not None:
                         began = True
+                        if entry is not None and "usage" in chunk:
+                            entry.note_usage(chunk["usage"])
                         yield split.transform(chunk)
                 if responder.gone:
                     return
-                if reader.done:  # [DONE] completes the answer, whatever the connection does next
-                    if tail := split.finish():
-                        yield {"choices": tail}  # text held back as a possible tag, after all
-                    await finish_upstream(response, chunks, app.spawn)
-                    return
+                if reader.complete:
+                    break
+            if reader.complete:  # [DONE] or the usage chunk: whatever upstream does next cannot change it
+                if tail := split.finish():
+                    yield {"choices": tail}  # text held back as a possible tag, after all
+                finish_later = True  # while the caller writes its last events
+                return
             failure = incomplete_failure()
         except UpstreamStreamError as exc:
             failure = stream_error_failure(exc.error)
@@ -93,7 +102,10 @@ async def chat_chunks(app, body: dict, responder: Responder,
             raise MidStreamFailure(failure)
         raise failure
     finally:
-        await response.aclose()
+        if finish_later:
+            app.spawn(finish_upstream(response, chunks, app.spawn))
+        else:
+            await response.aclose()
 
 
 def wants_anthropic_errors(path: str) -> bool:
@@ -216,7 +228,7 @@ class ApiRoutes:
     async def _collect(self, chat: dict, responder: Responder, translator) -> bool:
         """Feed the whole answer to the translator; True when it completed (client still here)."""
         try:
-            async with contextlib.aclosing(chat_chunks(self.app, chat, responder)) as chunks:
+            async with contextlib.aclosing(chat_chunks(self.app, chat, responder, False)) as chunks:
                 async for chunk in chunks:
                     translator.add(chunk)
         except MidStreamFailure as exc:
@@ -241,7 +253,7 @@ class ApiRoutes:
             await responder.write(_frames(translator.start(), encode))
 
         try:
-            async with contextlib.aclosing(chat_chunks(self.app, chat, responder, opened)) as chunks:
+            async with contextlib.aclosing(chat_chunks(self.app, chat, responder, True, opened)) as chunks:
                 async for chunk in chunks:
                     if events := translator.add(chunk):
                         await responder.write(_frames(events, encode))

@@ -13,6 +13,7 @@ import email.utils
 import json
 import logging
 import math
+import re
 import secrets
 import ssl
 import time
@@ -283,7 +284,7 @@ def _upstream_text(value: object, hidden: tuple[str, ...]) -> str:
     text = value if isinstance(value, str) else ""
     for secret in hidden:
         if secret:
-            text = text.replace(secret, "***")
+            text = re.sub(re.escape(secret), "***", text, flags=re.IGNORECASE)
     return "".join(ch if ch.isprintable() else " " for ch in text)[:200].strip()
 
 

@@ -7,6 +7,7 @@ Every setting of SPEC.md is declared once in SETTINGS; parsing, `--help`, the
 from __future__ import annotations
 
 import argparse
+import difflib
 import dataclasses
 import os
 import ssl
@@ -332,7 +333,6 @@ def unknown_setting_warnings(values: dict[str, str], path: str) -> list[str]:
     for key in values:
         if key in SETTING_NAMES or not key.startswith(OWN_PREFIXES):
             continue
-        import difflib  # only on this rare path: about 0.2 MB the proxy need not hold otherwise
         close = difflib.get_close_matches(key, SETTING_NAMES, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]}?" if close else "it is ignored"
         warnings.append(f"unknown setting {key} in {path}: {hint}")

@@ -128,7 +128,7 @@ def _system_text(system: object) -> str:
     if system is None or isinstance(system, str):
         return system or ""
     if isinstance(system, list):
-        return "\n".join(block.get("text", "") for block in system
+        return "\n".join(required_string(block, "text", f"system[{i}]") for i, block in enumerate(system)
                          if isinstance(block, dict) and block.get("type") == "text")
     raise RequestError("system: expected a string or an array of text blocks.", "system")
 

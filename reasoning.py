@@ -227,6 +227,8 @@ class ChunkSplit:
         if splitter.passthrough and not has_upstream:
             return False
         upstream = _pop_upstream_reasoning(delta)
+        if upstream is not None and splitter.state == _START:
+            splitter.implicit = False  # upstream separates reasoning itself: content is the answer
         content = delta.get("content")
         reasoning, answer = splitter.feed(content) if isinstance(content, str) else ("", "")
         if finishing:

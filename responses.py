@@ -120,7 +120,8 @@ def input_messages(body: dict) -> list[dict]:
 
 def _message(item: dict, where: str) -> dict:
     """An input message: user/assistant/system/developer (developer becomes system)."""
-    role = INPUT_ROLES.get(item.get("role"))
+    role = item.get("role")
+    role = INPUT_ROLES.get(role) if isinstance(role, str) else None
     if role is None:
         raise RequestError(f"Invalid value for '{where}.role': expected 'user', 'assistant', "
                            "'system' or 'developer'.", f"{where}.role")

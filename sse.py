@@ -273,14 +273,18 @@ class ChunkReader:
         if data == _DONE_DATA or self.done:
             self.done = self.complete = True
             return None
+        if event != "message" and event != "error":
+            self.skipped += 1  # another event type (a ping, say) is no chunk of the answer
+            return None
         chunk = _load_chunk(event, data)
         if chunk is None:
             if data.strip() == _DONE_DATA:  # "[DONE]" with stray spaces, off the fast path
                 self.done = self.complete = True
             else:
                 self.skipped += 1
-        elif isinstance(chunk.get("usage"), dict):
-            self.complete = True
+        elif isinstance(usage := chunk.get("usage"), dict) and (
+                not chunk.get("choices") or usage.get("is_last_response") is not False):
+            self.complete = True  # the usage chunk comes last, unless it says it is not the last
         return chunk
 
 

@@ -203,9 +203,6 @@ class TokenManager:
             "token_status": self._status(),
         }
 
-    def has_valid_token(self) -> bool:
-        return self._valid_token() is not None
-
     def expires_in(self) -> int:
         """Seconds the current token stays valid; 0 without one."""
         return self._expires_in()

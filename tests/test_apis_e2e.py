@@ -354,7 +354,7 @@ async def test_keepalive_during_upstream_silence(fake, start_proxy, path, body, 
     assert r.text.count(ping) >= 1 + (path == "/v1/messages")
 
 
-@pytest.mark.parametrize("reply", [Reply(drop_after=0), Reply(text="a b", done=False)],
+@pytest.mark.parametrize("reply", [Reply(drop_after=0), Reply(text="a b", done=False, usage=False)],
                          ids=["dropped-before-any-chunk", "ended-without-done"])
 @pytest.mark.parametrize("path, body, last", [
     ("/v1/messages", MESSAGES_BODY, "error"),
@@ -368,3 +368,36 @@ async def test_failure_after_the_200_ends_the_stream_with_the_api_failure_event(
     assert r.status_code == 200
     events = sse_events(r.text)
     assert events[-1][0] == last and events[0][0] in ("message_start", "response.created")
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+@pytest.mark.parametrize("path, body", [("/v1/messages", MESSAGES_BODY), ("/v1/responses", RESPONSES_BODY)])
+@pytest.mark.parametrize("reply", [Reply(text="a b", done=False),
+                                   Reply(text="a b", after_events="linger")],
+                         ids=["usage-then-eof", "done-then-linger"])
+async def test_the_usage_chunk_or_done_completes_these_answers_too(fake, start_proxy, path, body, stream, reply):
+    """As for chat completions: once usage (or [DONE]) has arrived, what upstream does next changes nothing."""
+    app = await start_proxy(fake, UPSTREAM_READ_TIMEOUT="60")
+    fake.script.append(reply)
+    async with httpx.AsyncClient(timeout=20) as client:
+        r = await client.post(f"{app.url}{path}", headers=AUTH, json={**body, "stream": stream})
+    assert r.status_code == 200
+    if stream:
+        names = [name for name, _ in sse_events(r.text)]
+        assert names[-1] in ("message_stop", "response.completed") and "error" not in names
+        assert "response.failed" not in names
+    else:
+        answer = r.json()
+        assert answer.get("stop_reason") == "end_turn" or answer.get("status") == "completed"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/messages", {**MESSAGES_BODY, "system": [{"type": "text", "text": 5}]}, "system[0].text"),
+    ("/v1/responses", {"model": MODEL, "input": [{"type": "message", "role": ["user"], "content": "x"}]},
+     "input[0].role"),
+])
+async def test_malformed_fields_of_these_apis_are_400_naming_them(proxy, path, body, param):
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(f"{proxy.url}{path}", headers=AUTH, json=body)
+    assert r.status_code == 400
+    assert param in r.text

@@ -306,3 +306,8 @@ async def test_a_hung_login_step_fails_after_the_step_timeout(monkeypatch):
     assert hung.is_set()
     assert str(caught.value) == "login step https://login.sambanova.ai/co/authenticate took longer than 0.2s"
     assert caught.value.outcome == "timeout"
+
+
+def test_upstream_text_hides_our_secrets_in_any_case():
+    text = auth._upstream_text("Wrong login for USER-7F3A@EXAMPLE.COM", ("user-7f3a@example.com",))
+    assert "7f3a" not in text.lower() and "***" in text

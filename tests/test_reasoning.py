@@ -281,3 +281,14 @@ def test_upstream_reasoning_beside_content_inside_think_is_joined_not_doubled():
     [(_, data)] = decode_all(frame)
     assert json.loads(data)["choices"][0]["delta"] == {"content": "", "reasoning_content": "bc"}
     assert data.count(b"reasoning_content") == 1
+
+
+def test_a_reasoning_model_whose_upstream_separates_reasoning_keeps_its_answer_as_content():
+    """REASONING_MODELS says "begins inside <think>", but upstream already sent reasoning_content:
+    the content is the answer, streamed as in a whole answer."""
+    split = ChunkSplit("parsed", implicit=True)
+    first = split.transform({"choices": [{"index": 0, "delta": {"reasoning_content": "hmm"}}]})
+    second = split.transform({"choices": [{"index": 0, "delta": {"content": "The answer."}}]})
+    assert first["choices"][0]["delta"]["reasoning_content"] == "hmm"
+    assert second["choices"][0]["delta"]["content"] == "The answer."
+    assert "reasoning_content" not in second["choices"][0]["delta"]

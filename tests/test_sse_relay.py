@@ -536,3 +536,19 @@ def test_reasoning_format_other_values_are_refused_naming_it(value):
 def test_new_fingerprint():
     first, second = new_fingerprint("anon_"), new_fingerprint("anon_")
     assert re.fullmatch(r"anon_[0-9a-f]{32}", first) and first != second
+
+
+def test_events_of_other_types_are_no_chunks():
+    """An `event: ping` holding a JSON object is not part of the answer: never sent as a chunk."""
+    relay = StreamRelay(False)
+    assert relay.relay("ping", b'{"type":"ping"}') is None
+    assert relay.skipped == 1 and not relay.complete
+
+
+def test_usage_that_says_it_is_not_the_last_does_not_complete_the_answer():
+    reader = sse.ChunkReader()
+    early = {"choices": [{"index": 0, "delta": {"content": "a"}}], "usage": {"is_last_response": False}}
+    assert reader.chunk("message", json.dumps(early).encode()) is not None and not reader.complete
+    last = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    reader.chunk("message", json.dumps(last).encode())
+    assert reader.complete
