@@ -24,6 +24,7 @@ from http_common import ClientGone
 
 log = logging.getLogger("sambaproxy.upstream")
 
+_CONNECTION_STEPS = ("connection.", "http2.send_connection_init")
 DONE_GRACE = 0.25  # seconds a complete answer's upstream has to end its body before it is closed
 
 
@@ -86,7 +87,11 @@ class Attempt:
             self.stream_id = info.get("stream_id")
         elif name.endswith(".receive_response_headers.started"):
             self.waiting = True
-        if self.departure.gone and name.endswith(".started") and not name.endswith("response_closed.started"):
+        # Connection-level steps are left alone: ending an HTTP/2 connection's set-up would fail
+        # every other request waiting on it (httpcore does not retry them); the request's own
+        # next step stops it instead.
+        if (self.departure.gone and name.endswith(".started") and not name.endswith("response_closed.started")
+                and not name.startswith(_CONNECTION_STEPS)):
             if self.stream_id is not None and name != "http2.send_request_headers.started":
                 connection, request = self._connection()  # the stream is open upstream: reset it
                 if isinstance(connection, httpcore.AsyncHTTP2Connection):

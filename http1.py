@@ -235,7 +235,7 @@ class H11Driver:
             self._chunks.append(data)
 
     def _release(self) -> None:
-        """Give the body's bytes back to the budget: the handler has it, or nobody will."""
+        """Give the body's bytes back to the budget: its handler is done, or there is none."""
         if self._held:
             self.server.budget.give(self._held)
             self._held = 0
@@ -245,13 +245,13 @@ class H11Driver:
         request = self._request
         request.body = b"".join(self._chunks)
         self._request, self._chunks = None, []
-        self._release()
-        self._pipelined = 0
+        self._pipelined = 0  # the body stays on the budget until the handler is done with it
         self.responder = H11Responder(self, request.method == "HEAD")
         self.task = self.server.spawn(self.server.run(request, self.responder))
 
     def cycle_done(self) -> None:
         """Let h11's state decide between keep-alive and close (RFC 9112 §9.3)."""
+        self._release()
         self.task = self.responder = None
         self.conn.touch()
         h = self.h11

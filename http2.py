@@ -380,7 +380,7 @@ class H2Driver:
         return min(self.server.max_body_bytes - self.held, self.server.budget.room())
 
     def _release(self, stream: H2Responder) -> None:
-        """Give a stream's body bytes back to the budget: its handler has them, or nobody will."""
+        """Give a stream's body bytes back to the budget: its handler is done, or there is none."""
         if stream.held:
             self.server.budget.give(stream.held)
             self.held -= stream.held
@@ -393,9 +393,8 @@ class H2Driver:
             return
         stream.complete = True
         if not stream.rejected:
-            stream.request.body = b"".join(stream._chunks)
+            stream.request.body = b"".join(stream._chunks)  # on the budget until the stream is done
             stream._chunks = []
-            self._release(stream)
             self.running += 1
             stream.task = self.server.spawn(self.server.run(stream.request, stream))
 

@@ -142,7 +142,7 @@ class App:
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
                              ssl_context=_ssl_context(config), error_body=error_body, admit=self.admit,
                              max_connections=config.max_connections,
-                             max_concurrent_requests=config.max_concurrent_requests,
+                             max_concurrent_requests=config.max_concurrent_requests, uncapped=QUIET_ROUTES,
                              max_buffered_bytes=config.max_buffered_bytes,
                              header_timeout=config.header_timeout)
         self._background: set[asyncio.Task] = set()

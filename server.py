@@ -230,11 +230,13 @@ class Connection(asyncio.Protocol):
         # HTTP/2: a client can also stop granting flow-control window (RFC 9113 §5.2).
         starved = self.driver.check_starved(now - timeout) if self.driver is not None else None
         if self.transport.is_closing():
+            self._abort_later()
             return
         quiet = self.driver is None or self.driver.idle()
         if quiet and now - self.last_activity >= timeout:
             log.debug("closing idle connection")
             self.close()
+            self._abort_later()
             return
         deadline = self.last_activity + timeout if quiet else now + timeout
         if self.paused:
@@ -255,6 +257,17 @@ class Connection(asyncio.Protocol):
             self.transport.abort()
         else:
             self.transport.close()
+            self._abort_later()
+
+    def _abort_later(self) -> None:
+        """Abort a closing transport still open after `idle_timeout`.
+
+        close() waits for the write buffer to drain, without limit: a client that never reads
+        a buffer under the high-water mark would otherwise hold its connection (and a
+        MAX_CONNECTIONS slot) for good.
+        """
+        if not self.closed:
+            self._timer = self.loop.call_later(self.server.idle_timeout, self.transport.abort)
 
     def shutdown(self) -> None:
         """Begin a graceful close: idle connections close now, busy ones after their requests."""
@@ -279,6 +292,7 @@ class Server:
                  idle_timeout: float = IDLE_TIMEOUT, admit: Admit | None = None,
                  max_connections: int = MAX_CONNECTIONS,
                  max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
+                 uncapped: frozenset[str] = frozenset(),
                  max_buffered_bytes: int = MAX_BUFFERED_BYTES,
                  header_timeout: float = HEADER_TIMEOUT) -> None:
         self.handler = handler
@@ -288,6 +302,7 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.max_connections = max_connections
         self.max_concurrent_requests = max_concurrent_requests
+        self.uncapped = uncapped
         self.budget = Budget(max_buffered_bytes)  # request-body bytes held, every connection
         self.active = 0  # handlers in flight
         self.ssl_context = ssl_context
@@ -384,6 +399,8 @@ class Server:
             if responder.state is GONE:
                 # HTTP/2 rapid reset (CVE-2023-44487): reset before its handler could start.
                 log.debug("client left before %s %s started", request.method, request.path)
+            elif request.path in self.uncapped:  # probes answer however busy the server is
+                await self._handle(request, responder)
             elif self.active >= self.max_concurrent_requests:
                 busy = self.busy("The server is handling too many requests; retry shortly")
                 await responder.send(busy.status, busy.headers, busy.body)

@@ -243,6 +243,9 @@ class Upstream:
         detail = await _read_error(response)
         if response.status_code in (401, 403):
             raise _Rejected()
+        if response.status_code < 400:  # a 204 or a redirect is no answer a client could use
+            raise ProxyError(502, f"SambaNova answered HTTP {response.status_code} instead of an answer",
+                             "upstream_error", "bad_gateway")
         raise status_failure(response.status_code, detail, response.headers.get("retry-after"),
                             route.name == "account")
 

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import logging
+import socket
 
 import httpx
 import pytest
@@ -229,6 +230,22 @@ async def test_h1_budget_is_released_when_the_body_reaches_the_handler(make_serv
     assert (srv.budget.peak, srv.budget.used) == (900, 0)
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+async def test_a_body_counts_against_the_budget_until_its_handler_is_done(make_server, app, http2):
+    """The handler holds the body while it runs: bodies in flight stay within MAX_BUFFERED_BYTES."""
+    srv = await make_server(max_buffered_bytes=1500)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{srv.port}", timeout=WAIT,
+                                 http1=not http2, http2=http2) as client:
+        first = asyncio.ensure_future(client.post("/wait", content=b"a" * 900))
+        await asyncio.wait_for(app.entered.wait(), WAIT)
+        assert srv.budget.used == 900  # held while the handler runs
+        second = await client.post("/echo", content=b"b" * 900)
+        assert second.status_code == 503 and second.headers["retry-after"]
+        app.release.set()
+        assert (await first).status_code == 200
+    assert srv.budget.used == 0
+
+
 async def test_server_default_limits():
     # The defaults of SPEC.md's settings (MAX_CONNECTIONS, MAX_CONCURRENT_REQUESTS, ...).
     from server import Server
@@ -305,3 +322,30 @@ def test_responder_that_ended_does_not_become_gone():
     responder.state = State.ENDED  # as a driver's end() does
     responder.client_left()
     assert (responder.state, responder.ended, responder.gone) == (State.ENDED, True, False)
+
+
+async def test_a_closing_connection_whose_client_never_reads_is_aborted(make_server):
+    """close() waits for the write buffer to drain: a client that never reads (below the
+    high-water mark) must still lose its connection, or it holds a MAX_CONNECTIONS slot for good."""
+    srv = await make_server(idle_timeout=0.3, max_body_bytes=100_000)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", srv.port)), WAIT)
+        await eventually(lambda: len(srv.connections) == 1)
+        conn = next(iter(srv.connections))
+        # Small kernel buffers on both sides, so answers stay in the transport's own buffer.
+        conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sent = 0
+        while conn.transport.get_write_buffer_size() == 0 and sent < 200:
+            await loop.sock_sendall(sock, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n"
+                                    + b"a" * 4000)
+            sent += 1
+            await asyncio.sleep(0.002)
+        assert conn.transport.get_write_buffer_size() > 0 and not conn.paused
+        await eventually(lambda: conn.closed)  # idle close, then abort once it cannot drain
+        assert conn not in srv.connections
+    finally:
+        sock.close()

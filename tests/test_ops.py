@@ -477,3 +477,18 @@ async def test_status_page_shows_what_to_do(fake, start_proxy, tmp_path):
     todo = [w["text"] for w in shown["warns"] if w["cls"] == "todo"]
     assert len(todo) == 2 and "SAMBA_EMAIL" in todo[0] and "LOCAL_API_KEY" in todo[1]
     assert 'rel="icon"' in page and 'href="favicon.ico"' in page
+
+
+async def test_probes_answer_while_every_request_slot_is_taken(fake, start_proxy):
+    """MAX_CONCURRENT_REQUESTS caps requests, not the probes: a busy proxy is alive, not dead."""
+    app = await start_proxy(fake, MAX_CONCURRENT_REQUESTS="1")
+    fake.script.append(Reply(text="one two three four", delay=0.5))
+    body = {"model": "DeepSeek-R1", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with client.stream("POST", f"{app.url}/v1/chat/completions", headers=AUTH, json=body) as busy:
+            assert busy.status_code == 200
+            assert (await client.get(f"{app.url}/healthz")).status_code == 200
+            assert (await client.get(f"{app.url}/readyz")).status_code == 200
+            capped = await client.get(f"{app.url}/v1/models", headers=AUTH)
+            assert capped.status_code == 503 and capped.json()["error"]["code"] == "server_busy"
+            await busy.aread()

@@ -422,3 +422,51 @@ def test_departure_stops_what_is_in_flight_once():
     departure.left()
     departure.stop_with(lambda: stopped.append("answer"))  # registered after the departure: at once
     assert stopped == ["answer"] and departure.gone
+
+
+@pytest.mark.parametrize("leave_at", ["connection.connect_tcp.started", "http2.send_connection_init.started"])
+async def test_a_client_leaving_while_a_shared_http2_connection_opens_costs_only_its_own_request(
+        certificate, leave_at):
+    """Ending an HTTP/2 connection's set-up would fail every request queued on it (httpcore does
+    not retry them): a departure stops only its own request, at that request's next step."""
+    import ssl
+    from departure import Attempt, Departure
+    from server import ClientGone, Server
+
+    async def answer(request, responder):
+        await asyncio.sleep(0.1)
+        await responder.send(200, [("content-type", "text/plain")], b"ok")
+
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    upstream = Server(answer, max_body_bytes=1 << 20, ssl_context=context)
+    await upstream.start("127.0.0.1", 0)
+    client = httpx.AsyncClient(http2=True, verify=ssl.create_default_context(cafile=cert), timeout=10)
+
+    async def send(leave=None):
+        departure = Departure()
+        attempt = Attempt(client, departure, set())
+
+        async def trace(name, info):
+            if name == leave:
+                departure.left()
+            await attempt.trace(name, info)
+
+        request = client.build_request("POST", f"https://127.0.0.1:{upstream.port}/x", content=b"{}",
+                                       extensions={"trace": trace})
+        attempt.extensions = request.extensions
+        departure.stop_with(attempt.stop)
+        try:
+            return (await client.send(request)).status_code
+        except ClientGone:
+            return "gone"
+        finally:
+            attempt.opening = False
+
+    try:
+        assert await asyncio.gather(send(leave_at), send(), send()) == ["gone", 200, 200]
+    finally:
+        await client.aclose()
+        await upstream.shutdown(0.5)
