@@ -216,6 +216,7 @@ class H2Driver:
         self.held = 0
         self.closing = False
         self.settled = False  # the client's first SETTINGS has arrived
+        self._block_clock = False  # HEADER_TIMEOUT runs for a header block still arriving
         self._flush_pending = False
         self._request_priority: PriorityUpdated | None = None  # that of the last HEADERS frame
         self._unacked = 0  # connection-level bytes received since the last WINDOW_UPDATE
@@ -277,6 +278,8 @@ class H2Driver:
             self.flush()  # h2 queued a GOAWAY
             self.transport.close()
             return
+        if self._header_block_pending():
+            return
         for event in events:
             if isinstance(event, DataReceived):
                 self._data_received(event)
@@ -300,6 +303,28 @@ class H2Driver:
             if self.transport.is_closing():  # calm() or the client's GOAWAY ended the connection
                 return
         self.flush()
+
+    def _header_block_pending(self) -> bool:
+        """Bound a header block still arriving (HEADERS, then CONTINUATION frames) like any head.
+
+        h2 keeps up to 64 frames of one block (1 MiB) before it decodes, and so checks
+        MAX_HEADER_LIST_SIZE, anything: a block over MAX_HEAD_BYTES ends the connection, and
+        one left unfinished runs the HEADER_TIMEOUT clock. True when the connection ended.
+        """
+        pending = getattr(self.h2.incoming_buffer, "_headers_buffer", None)  # h2's private state
+        if not pending:
+            if self._block_clock:
+                self._block_clock = False
+                self.conn.head_done()
+            return False
+        if sum(len(frame.data) for frame in pending) > MAX_HEAD_BYTES:
+            log.warning("closing an HTTP/2 connection whose header block passes %d bytes", MAX_HEAD_BYTES)
+            self.calm()
+            return True
+        if self.settled and not self._block_clock:
+            self._block_clock = True
+            self.conn.expect_head()
+        return False
 
     def _request_received(self, event: RequestReceived) -> None:
         """Map pseudo-headers to a Request (RFC 9113 §8.3.1) and check it before any body byte."""

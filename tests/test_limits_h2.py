@@ -403,3 +403,35 @@ async def test_h2_starved_stream_is_reset_while_its_neighbours_complete(make_ser
         assert app.calls == {"/slow": 1, "/flood": 1}
     finally:
         client.writer.close()
+
+
+def _unfinished_header_block(stream_id: int, continuations: int, size: int) -> bytes:
+    """HEADERS without END_HEADERS, then CONTINUATION frames of `size` bytes, never ending the block."""
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+    headers = HeadersFrame(stream_id, data=b"\x82", flags=["END_STREAM"])  # :method GET
+    frames = [headers.serialize()]
+    frames += [ContinuationFrame(stream_id, data=b"\x00" * size).serialize() for _ in range(continuations)]
+    return b"".join(frames)
+
+
+async def test_h2_header_block_over_the_head_limit_ends_the_connection_before_it_is_decoded(make_server, app):
+    srv = await make_server()
+    client = await connect_h2(srv)
+    try:
+        client.writer.write(_unfinished_header_block(1, 3, 8192))  # 24 KiB, never finished
+        events = await client.until(lambda e: isinstance(e, h2.events.ConnectionTerminated))
+        assert events[-1].error_code == ErrorCodes.ENHANCE_YOUR_CALM
+        assert not app.calls
+    finally:
+        client.writer.close()
+
+
+async def test_h2_header_block_left_unfinished_is_closed_by_header_timeout(make_server, app):
+    srv = await make_server(header_timeout=0.3, idle_timeout=WAIT)
+    client = await connect_h2(srv)
+    try:
+        client.writer.write(_unfinished_header_block(1, 1, 100))
+        events = await client.until(lambda e: isinstance(e, h2.events.ConnectionTerminated))
+        assert events[-1].error_code is not None and not app.calls
+    finally:
+        client.writer.close()
