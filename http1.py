@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from http_common import (ABORTED, BODILESS, DRIVER_FIELDS, ENDED, GONE, HOLD_PIPELINE, JSON, MAX_HEAD_BYTES,
+from http_common import (ABORTED, BODIES_BUSY, BODILESS, DRIVER_FIELDS, ENDED, GONE, HOLD_PIPELINE, MAX_HEAD_BYTES,
                          STARTED, ClientGone, Rejection, Request, Responder, clean_headers, header_dict)
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class H11Driver:
         elif length is not None and int(length) > self.server.max_body_bytes:
             self.reject(413, "Request body too large", "request_too_large")
         elif length is not None and int(length) > self.server.budget.room():
-            self.answer_and_close(self.server.busy("Too many request bodies are being received; retry shortly"))
+            self.answer_and_close(self.server.busy(self._request, BODIES_BUSY))
         elif self.h11.they_are_waiting_for_100_continue:
             interim = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
             self.transport.write(self.h11.send(interim))
@@ -229,7 +229,7 @@ class H11Driver:
         if self._size > self.server.max_body_bytes:
             self.reject(413, "Request body too large", "request_too_large")
         elif not self.server.budget.take(len(data)):
-            self.answer_and_close(self.server.busy("Too many request bodies are being received; retry shortly"))
+            self.answer_and_close(self.server.busy(self._request, BODIES_BUSY))
         else:
             self._held += len(data)
             self._chunks.append(data)
@@ -281,8 +281,7 @@ class H11Driver:
 
     def reject(self, status: int, message: str, code: str) -> None:
         """Answer a driver-made error while a response can still start, then close in stages."""
-        body = self.server.error_body(status, message, "invalid_request_error", code)
-        self.answer_and_close(Rejection(status, list(JSON), body))
+        self.answer_and_close(self.server.refusal(self._request, status, message, code))
 
     def answer_and_close(self, rejection: Rejection) -> None:
         """Answer without reading the request body, then close in stages."""

@@ -37,7 +37,7 @@ from h2.events import (
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 
-from http_common import (ABORTED, BODILESS, DRIVER_FIELDS, ENDED, GONE, JSON, MAX_HEAD_BYTES, STARTED, WAITING,
+from http_common import (ABORTED, BODIES_BUSY, BODILESS, DRIVER_FIELDS, ENDED, GONE, MAX_HEAD_BYTES, STARTED, WAITING,
                          ClientGone, RateLimit, Rejection, Request, Responder, clean_headers, header_dict)
 
 if TYPE_CHECKING:
@@ -358,7 +358,7 @@ class H2Driver:
         elif length.isdigit() and int(length) > self.server.max_body_bytes:
             self._reject(stream, 413, "Request body too large", "request_too_large")
         elif length.isdigit() and int(length) > self._room():
-            self._answer(stream, self.server.busy("Too many request bodies are being received; retry shortly"))
+            self._answer(stream, self.server.busy(stream.request, BODIES_BUSY))
 
     def _data_received(self, event: DataReceived) -> None:
         """Keep body bytes within the limits, and grant window only for bytes kept (RFC 9113 §5.2)."""
@@ -381,7 +381,7 @@ class H2Driver:
             self._reject(stream, 413, "Request body too large", "request_too_large")
             return
         if len(data) > self._room() or not self.server.budget.take(len(data)):
-            self._answer(stream, self.server.busy("Too many request bodies are being received; retry shortly"))
+            self._answer(stream, self.server.busy(stream.request, BODIES_BUSY))
             return
         self.held += len(data)
         stream.held += len(data)
@@ -499,8 +499,7 @@ class H2Driver:
 
     def _reject(self, stream: H2Responder, status: int, message: str, code: str) -> None:
         """Answer a driver-made error on one stream without running the handler."""
-        body = self.server.error_body(status, message, "invalid_request_error", code)
-        self._answer(stream, Rejection(status, list(JSON), body))
+        self._answer(stream, self.server.refusal(stream.request, status, message, code))
 
     def _answer(self, stream: H2Responder, rejection: Rejection) -> None:
         """Answer one stream without running the handler; the rest of its upload is refused."""

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sambaproxy.server")
 
 # The server's own error answers (400, 413, 500) are readable by browser clients too.
-JSON = [("content-type", "application/json"), ("access-control-allow-origin", "*")]
+JSON = [("content-type", "application/json")]
+BODIES_BUSY = "Too many request bodies are being received; retry shortly"  # the 503 of MAX_BUFFERED_BYTES
 # Fields the drivers own: they frame the body themselves and add Date.
 DRIVER_FIELDS = frozenset({"content-length", "transfer-encoding", "date"})
 BODILESS = (204, 304)  # RFC 9110 §6.4.1: these responses never carry content

@@ -141,6 +141,7 @@ class App:
         self.cors = CorsPolicy(config.cors_origins, bool(self.keys))
         self.server = Server(self.handle, max_body_bytes=config.max_body_bytes,
                              ssl_context=_ssl_context(config), error_body=error_body, admit=self.admit,
+                             on_refusal=self.on_refusal,
                              max_connections=config.max_connections,
                              max_concurrent_requests=config.max_concurrent_requests, uncapped=QUIET_ROUTES,
                              max_buffered_bytes=config.max_buffered_bytes,
@@ -226,19 +227,32 @@ class App:
 
     def _rejection(self, request: Request, exc: ProxyError,
                    extra: list[tuple[str, str]] | None = None) -> Rejection:
-        """An OpenAI-shaped answer from the head alone, with its request id and access line."""
-        entry = self._entry(request)
-        headers = _error_headers(exc) + (extra or []) + [("x-request-id", entry.request_id)]
-        origin = request.headers.get("origin")
-        if origin is not None and exc.status != 403:
-            headers.extend(self.cors.answer_fields(origin))
+        """An OpenAI-shaped answer from the head alone (Anthropic-shaped on the Messages routes)."""
         body = b"" if request.method == "HEAD" else _error_answer(request.path, exc)
-        counted = request.path not in QUIET_ROUTES
+        return self._refused(request, Rejection(exc.status, _error_headers(exc) + (extra or []), body),
+                             exc.message)
+
+    def on_refusal(self, request: Request | None, rejection: Rejection) -> Rejection:
+        """Complete an answer the server made itself (a limit, a malformed request) like the app's own."""
+        return self._refused(request, rejection, None)
+
+    def _refused(self, request: Request | None, rejection: Rejection, reason: str | None) -> Rejection:
+        """What every refused request gets: X-Request-ID, CORS fields for an allowed origin, its
+        access line and counts. `request` is None when not even a head could be read."""
+        if request is None:
+            entry = AccessEntry("", self.request_ids.pick(None), "-", "-", "-", time.perf_counter())
+        else:
+            entry = self._entry(request)
+            origin = request.headers.get("origin")
+            if origin is not None and self.cors.allows(origin):
+                rejection.headers.extend(self.cors.answer_fields(origin))
+        rejection.headers.append(("x-request-id", entry.request_id))
+        counted = request is not None and request.path not in QUIET_ROUTES
         self.counters.total += counted
         self.counters.errors += counted
-        entry.end, entry.reason = "rejected", exc.message
-        self.ops.rejected(entry, exc.status, len(body), counted)
-        return Rejection(exc.status, headers, body)
+        entry.end, entry.reason = "rejected", reason
+        self.ops.rejected(entry, rejection.status, len(rejection.body), counted)
+        return rejection
 
     def _entry(self, request: Request) -> AccessEntry:
         """The access-log entry of a request, with the client's X-Request-ID or a new one."""

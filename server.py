@@ -67,6 +67,11 @@ def _peer(address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _refusal_as_is(request: Request | None, rejection: Rejection) -> Rejection:
+    """The default completion of a driver-made answer: none."""
+    return rejection
+
+
 def _admit_all(request: Request) -> None:
     """The default admission check: every request head is let through."""
     return None
@@ -290,6 +295,7 @@ class Server:
     def __init__(self, handler: Handler, *, max_body_bytes: int, ssl_context=None,
                  error_body: Callable[[int, str, str, str | None], bytes] | None = None,
                  idle_timeout: float = IDLE_TIMEOUT, admit: Admit | None = None,
+                 on_refusal: Callable[[Request | None, Rejection], Rejection] | None = None,
                  max_connections: int = MAX_CONNECTIONS,
                  max_concurrent_requests: int = MAX_CONCURRENT_REQUESTS,
                  uncapped: frozenset[str] = frozenset(),
@@ -297,6 +303,7 @@ class Server:
                  header_timeout: float = HEADER_TIMEOUT) -> None:
         self.handler = handler
         self.admit: Admit = admit or _admit_all
+        self.on_refusal = on_refusal or _refusal_as_is
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
         self.max_body_bytes = max_body_bytes
@@ -373,10 +380,20 @@ class Server:
             self._refused_noted = self.connections_refused
         return False
 
-    def busy(self, message: str) -> Rejection:
+    def busy(self, request: Request | None, message: str) -> Rejection:
         """A 503 server_busy answer with Retry-After (a limit of ours, not the client's fault)."""
-        body = self.error_body(503, message, "server_error", "server_busy")
-        return Rejection(503, [*JSON, ("retry-after", RETRY_AFTER)], body)
+        return self.refusal(request, 503, message, "server_busy", [("retry-after", RETRY_AFTER)])
+
+    def refusal(self, request: Request | None, status: int, message: str, code: str,
+                headers: list[tuple[str, str]] = ()) -> Rejection:
+        """A driver-made error answer (a limit, a malformed request), completed by `on_refusal`.
+
+        `request` is None when no head could be read. The app's `on_refusal` gives it what every
+        answer has (X-Request-ID, CORS fields for an allowed origin) and its access-log line.
+        """
+        type_ = "server_error" if status >= 500 else "invalid_request_error"
+        body = self.error_body(status, message, type_, code)
+        return self.on_refusal(request, Rejection(status, [*JSON, *headers], body))
 
     def spawn(self, coro) -> asyncio.Task:
         """Run a handler coroutine as a task that shutdown() waits for, then cancels."""
@@ -402,7 +419,7 @@ class Server:
             elif request.path in self.uncapped:  # probes answer however busy the server is
                 await self._handle(request, responder)
             elif self.active >= self.max_concurrent_requests:
-                busy = self.busy("The server is handling too many requests; retry shortly")
+                busy = self.busy(request, "The server is handling too many requests; retry shortly")
                 await responder.send(busy.status, busy.headers, busy.body)
             else:
                 self.active += 1

@@ -175,13 +175,22 @@ async def test_malformed_body_is_400_naming_the_field(proxy, body, param):
     assert error["param"] == param and error["message"]
 
 
-async def test_body_over_limit_is_413(fake, start_proxy):
+async def test_body_over_limit_is_413(fake, start_proxy, caplog):
+    """An answer the server makes itself carries what the app's do: a request id, CORS fields for
+    an allowed origin (none without one), and an access line."""
     app = await start_proxy(fake, MAX_BODY_BYTES="1000")
     big = {**HELLO, "messages": [{"role": "user", "content": "x" * 2000}]}
+    caplog.set_level(logging.INFO, logger="sambaproxy.access")
     async with httpx.AsyncClient(timeout=10) as client:
-        r = await client.post(f"{app.url}/v1/chat/completions", headers=AUTH, json=big)
+        r = await client.post(f"{app.url}/v1/chat/completions", headers={**AUTH, "x-request-id": "big-1"},
+                              json=big)
+        browser = await client.post(f"{app.url}/v1/chat/completions",
+                                    headers={**AUTH, "origin": "https://app.example"}, json=big)
     assert r.status_code == 413 and "error" in r.json()
-    assert r.headers["access-control-allow-origin"] == "*"
+    assert r.headers["x-request-id"] == "big-1" and "access-control-allow-origin" not in r.headers
+    assert browser.status_code == 413 and browser.headers["access-control-allow-origin"] == "*"
+    assert browser.headers["x-request-id"]
+    assert any("big-1" in record.getMessage() and " 413 " in record.getMessage() for record in caplog.records)
     assert not fake.completions
 
 
