@@ -266,6 +266,7 @@ class MessageStream(ChunkTranslator):
 
     def __init__(self, model: str, thinking: bool) -> None:
         super().__init__()
+        self._pieces: list[str] = []  # the open text or thinking block's text so far
         self.thinking = thinking
         self.message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
                         "content": [], "stop_reason": None, "stop_sequence": None,
@@ -307,6 +308,8 @@ class MessageStream(ChunkTranslator):
     def _close(self) -> None:
         if self.current is None:
             return
+        if self.kind in ("text", "thinking"):
+            self.current[self.kind] = "".join(self._pieces)
         self._emit("content_block_stop", index=len(self.message["content"]) - 1)
         self.current = self.kind = None
 
@@ -315,7 +318,8 @@ class MessageStream(ChunkTranslator):
             block = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else \
                 {"type": "text", "text": ""}
             self._open(kind, block)
-        self.current[kind] += text
+            self._pieces = []
+        self._pieces.append(text)  # joined when the block closes: += on a dict value copies it whole
         delta = {"type": "thinking_delta", "thinking": text} if kind == "thinking" else \
             {"type": "text_delta", "text": text}
         self._emit("content_block_delta", index=len(self.message["content"]) - 1, delta=delta)

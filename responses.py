@@ -274,6 +274,7 @@ class ResponseStream(ChunkTranslator):
 
     def __init__(self, body: dict, model: str) -> None:
         super().__init__()
+        self._pieces: list[str] = []  # the open text item's text so far
         self.response = response_object(body, model, new_id("resp_"), int(time.time()))
         self.sequence = 0
         self.current: dict | None = None        # the open reasoning or message item
@@ -309,8 +310,7 @@ class ResponseStream(ChunkTranslator):
         if item is None or item["type"] != kind:
             self._close_current()
             item = self._open_text_item(kind)
-        part = item["content"][0]
-        part["text"] += text
+        self._pieces.append(text)  # joined when the item closes: += on a dict value copies it whole
         place = {"item_id": item["id"], "output_index": item["_index"], "content_index": 0}
         if kind == "message":
             self._emit("response.output_text.delta", **place, delta=text, logprobs=[])
@@ -331,6 +331,7 @@ class ResponseStream(ChunkTranslator):
                    content_index=0, part=dict(part))
         item["content"].append(part)
         self.current = item
+        self._pieces = []
         return item
 
     def _add_item(self, item: dict) -> None:
@@ -344,6 +345,7 @@ class ResponseStream(ChunkTranslator):
         if item is None:
             return
         part = item["content"][0]
+        part["text"] = "".join(self._pieces)
         place = {"item_id": item["id"], "output_index": item["_index"], "content_index": 0}
         if item["type"] == "message":
             self._emit("response.output_text.done", **place, text=part["text"], logprobs=[])
