@@ -264,6 +264,7 @@ async def attacks(fake: str, proxy, spare) -> list[Row]:
             ("PING flood", clients.ping_flood),
             ("SETTINGS flood", clients.settings_flood),
             ("non-ASCII :method", clients.non_ascii_method),
+            ("CONTINUATION x20", clients.continuation_flood),
             ("starved stream", clients.starved_stream),
             ("pipelined+departure", clients.pipelined_departure),
             (f"{MAX_CONNECTIONS + 36} connections",

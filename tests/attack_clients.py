@@ -356,6 +356,26 @@ async def non_ascii_method(target: Target) -> Outcome:
     return Outcome(3, counts(fates))
 
 
+async def continuation_flood(target: Target) -> Outcome:
+    """20 connections each open a header block (HEADERS, then 62 CONTINUATION frames of 16 KiB),
+    never ended: h2 would keep up to 1 MiB of each undecoded."""
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+    block = HeadersFrame(1, data=b"\x82", flags=["END_STREAM"]).serialize() + b"".join(
+        ContinuationFrame(1, data=b"\x00" * 16384).serialize() for _ in range(62))
+    clients = []
+    for _ in range(20):
+        client = await H2Client.open(target.port)
+        client.flush()
+        client.writer.write(block)
+        clients.append(client)
+    for client in clients:
+        await client.pump(1.0, until=lambda c: c.closed)
+    closed = sum(client.closed for client in clients)
+    for client in clients:
+        close(client.writer)
+    return Outcome(20, f"{closed}/20 closed by the server")
+
+
 async def starved_stream(target: Target) -> Outcome:
     """One streamed answer granted no window beside normal requests on the same connection."""
     client = await H2Client.open(target.port, {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
