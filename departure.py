@@ -58,6 +58,23 @@ class Departure:
         else:
             self._stop = stop
 
+    async def pause(self, delay: float) -> None:
+        """Wait `delay` seconds (a retry's back-off), or less if the client leaves meanwhile."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+
+        def wake() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        timer = loop.call_later(delay, wake)
+        self.stop_with(wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self.stop_with(None)
+
 
 class Attempt:
     """One upstream request in flight, which a departure can stop without cancelling its opener.

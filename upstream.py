@@ -220,7 +220,7 @@ class Upstream:
                 log.info("upstream failed (%s); retry %d in %.1fs", error.code, attempt + 1, delay)
             attempt += 1
             self.retries += 1
-            await asyncio.sleep(delay)
+            await departure.pause(delay)
 
     async def _send_once(self, route, build, token: str, departure: Departure) -> httpx.Response:
         if departure.gone:  # a login or a retry delay may have taken a while

@@ -156,3 +156,28 @@ async def test_departed_client_wakes_the_http2_upstream_reader_at_once(start_pro
         await until(lambda: app.counters.active == 0)  # the handler has ended
     finally:
         await server.shutdown(1.0)
+
+
+async def test_a_client_leaving_during_a_retry_back_off_ends_it_at_once(fake):
+    """The back-off between attempts (up to Retry-After's cap) ends when the client leaves:
+    no later attempt, and the handler does not wait the back-off out."""
+    from config import Config
+    from conftest import fake_settings
+    from sambaproxy import App
+    app = App(Config.from_mapping(fake_settings(fake, UPSTREAM_READ_TIMEOUT="60")),
+              retry_delays=(60.0,), retry_after_cap=60.0)
+    await app.start()
+    client = None
+    try:
+        fake.script.append(Reply(status=503, headers={"retry-after": "60"}))
+        client = await H2Client.open(app.port)
+        stream_id = await post_on_h2(client, HELLO)
+        await until(lambda: app.upstream.retries == 1)  # the first attempt failed: backing off
+        client.reset(stream_id, ErrorCodes.CANCEL)
+        await client.round_trip()
+        await until(lambda: app.counters.active == 0)  # long before the 60 s back-off
+        assert len(fake.completions) == 1
+    finally:
+        if client is not None:
+            client.close()
+        await app.aclose(grace=1.0)
