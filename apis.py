@@ -56,10 +56,9 @@ async def chat_chunks(app, body: dict, responder: Responder, stream: bool,
     """
     # As for chat completions: the model name resolved (aliases, case), the reasoning split
     # (REASONING_FORMAT) applied to every chunk, so thinking arrives as reasoning_content.
-    asked = body.get("model") or app.config.default_model
-    if (entry := current_entry.get()) is not None:
-        entry.model, entry.stream, entry.upstream = asked, stream, True
-    model = app.resolve_model(asked)
+    model = app.resolve_model(body.get("model") or app.config.default_model)
+    if (entry := current_entry.get()) is not None:  # the upstream id, as for chat completions
+        entry.model, entry.stream, entry.upstream = model, stream, True
     split = ChunkSplit(app.config.reasoning_format, starts_thinking(model, app.config.reasoning_models))
     response, departure = await open_for_client(
         responder.on_gone, app.spawn, lambda departure: app.upstream.open({**body, "model": model}, departure))

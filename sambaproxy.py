@@ -330,8 +330,8 @@ class App:
         asked = body.get("model") or self.config.default_model
         model = self.resolve_model(asked)
         entry = current_entry.get()
-        if entry is not None:
-            entry.model, entry.stream, entry.upstream = asked, wants_stream(body), True
+        if entry is not None:  # the upstream id: case variants and aliases are one model in metrics
+            entry.model, entry.stream, entry.upstream = model, wants_stream(body), True
         response, departure = await open_for_client(
             responder.on_gone, self.spawn, lambda departure: self.upstream.open({**body, "model": model}, departure))
         try:

@@ -492,3 +492,17 @@ async def test_probes_answer_while_every_request_slot_is_taken(fake, start_proxy
             capped = await client.get(f"{app.url}/v1/models", headers=AUTH)
             assert capped.status_code == 503 and capped.json()["error"]["code"] == "server_busy"
             await busy.aread()
+
+
+async def test_metrics_name_the_upstream_model_not_each_spelling_a_client_sends(fake, start_proxy):
+    """Case variants and aliases of one model are one label: clients cannot use up the label slots."""
+    app = await start_proxy(fake, MODEL_ALIASES="r1=DeepSeek-R1")
+    async with httpx.AsyncClient(timeout=10) as client:
+        await client.get(f"{app.url}/v1/models", headers=AUTH)  # the model list, for case matching
+        for name in ("deepseek-r1", "DEEPSEEK-R1", "r1"):
+            body = {"model": name, "messages": [{"role": "user", "content": "hi"}]}
+            r = await client.post(f"{app.url}/v1/chat/completions", headers=AUTH, json=body)
+            assert r.status_code == 200 and r.json()["model"] == name
+        text = (await client.get(f"{app.url}/metrics", headers=AUTH)).text
+    assert 'model="DeepSeek-R1"' in text
+    assert 'model="deepseek-r1"' not in text and 'model="DEEPSEEK-R1"' not in text and 'model="r1"' not in text
