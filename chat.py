@@ -45,11 +45,15 @@ def required_string(item: dict, key: str, where: str) -> str:
 class ChunkTranslator:
     """Reads the chat chunks of one answer (choice 0, as these APIs have one answer) into events.
 
-    Subclasses emit through `events` in `_add_delta`; every method returns the events to send
-    as (name, payload) pairs.
+    Subclasses name their kinds of text and emit through `events` in `_text` and `_tool_call`;
+    every method returns the events to send as (name, payload) pairs.
     """
 
+    reasoning_kind = "reasoning"  # what a subclass calls thinking text, and answer text
+    answer_kind = "text"
+
     def __init__(self) -> None:
+        self.show_reasoning = True
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.events: list[tuple[str, dict]] = []
@@ -73,6 +77,22 @@ class ChunkTranslator:
         return self._take()
 
     def _add_delta(self, delta: dict) -> None:
+        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        if self.show_reasoning and isinstance(reasoning, str) and reasoning:
+            self._text(self.reasoning_kind, reasoning)
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            self._text(self.answer_kind, content)
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for position, call in enumerate(calls):
+                if isinstance(call, dict):
+                    self._tool_call(position, call)
+
+    def _text(self, kind: str, text: str) -> None:
+        raise NotImplementedError
+
+    def _tool_call(self, position: int, call: dict) -> None:
         raise NotImplementedError
 
 

@@ -264,10 +264,12 @@ class MessageStream(ChunkTranslator):
     send as (name, payload) pairs.
     """
 
+    reasoning_kind = "thinking"
+
     def __init__(self, model: str, thinking: bool) -> None:
         super().__init__()
         self._pieces: list[str] = []  # the open text or thinking block's text so far
-        self.thinking = thinking
+        self.show_reasoning = thinking  # thinking blocks only when the request enables thinking
         self.message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": model,
                         "content": [], "stop_reason": None, "stop_sequence": None,
                         "usage": {"input_tokens": 0, "output_tokens": 0}}
@@ -285,19 +287,6 @@ class MessageStream(ChunkTranslator):
                                              "usage": dict(self.message["usage"])})
         self._emit("ping")
         return self._take()
-
-    def _add_delta(self, delta: dict) -> None:
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if self.thinking and isinstance(reasoning, str) and reasoning:
-            self._text("thinking", reasoning)
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            self._text("text", content)
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list):
-            for position, call in enumerate(calls):
-                if isinstance(call, dict):
-                    self._tool_call(position, call)
 
     def _open(self, kind: str, block: dict) -> None:
         self._close()

@@ -272,6 +272,8 @@ class ResponseStream(ChunkTranslator):
     `output`. Methods return the events to send as (name, payload) pairs.
     """
 
+    answer_kind = "message"
+
     def __init__(self, body: dict, model: str) -> None:
         super().__init__()
         self._pieces: list[str] = []  # the open text item's text so far
@@ -290,19 +292,6 @@ class ResponseStream(ChunkTranslator):
         self._emit("response.created", response=_snapshot(self.response))
         self._emit("response.in_progress", response=_snapshot(self.response))
         return self._take()
-
-    def _add_delta(self, delta: dict) -> None:
-        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-        if isinstance(reasoning, str) and reasoning:
-            self._text("reasoning", reasoning)
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            self._text("message", content)
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list):
-            for position, call in enumerate(calls):
-                if isinstance(call, dict):
-                    self._tool_call(position, call)
 
     def _text(self, kind: str, text: str) -> None:
         """Append reasoning or answer text to the open item of that kind, opening one if needed."""
